@@ -1,0 +1,123 @@
+"""The spec of fastkd in plain PyTorch (design.md §1): readable, materialising, autograd.
+
+This is the oracle the tests compare every kernel against (run it on float64 inputs) and the
+``backend="torch"`` fallback. It computes in float32 for float32/bfloat16/float16 logits and
+in float64 for float64 logits; the gradient comes from autograd.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _xlogratio(w: Tensor, log_w: Tensor, log_v: Tensor) -> Tensor:
+    """w * (log_w - log_v), taken as 0 wherever w == 0 (0 log 0 = 0; masked entries).
+
+    The inputs are cleaned before the product as well as after it: a plain ``where`` would
+    still send NaN gradients through the -inf - (-inf) of masked entries.
+    """
+    live = w > 0
+    log_w = torch.where(live, log_w, 0.0)
+    log_v = torch.where(live, log_v, 0.0)
+    return torch.where(live, w * (log_w - log_v), 0.0)
+
+
+def _log_mixture(log_x: Tensor, log_y: Tensor, weight_x: float) -> Tensor:
+    """log(weight_x * x + (1 - weight_x) * y) in log space, never via the probabilities."""
+    return torch.logaddexp(log_x + math.log(weight_x), log_y + math.log1p(-weight_x))
+
+
+def divergence_per_row(
+    log_p: Tensor, log_q: Tensor, divergence: str, beta: float = 0.5, alpha: float = 0.1
+) -> Tensor:
+    """D(p, q) per row, from teacher log-probs ``log_p`` and student log-probs ``log_q``."""
+    p, q = log_p.exp(), log_q.exp()
+    if divergence == "forward_kl":
+        terms = _xlogratio(p, log_p, log_q)
+    elif divergence == "soft_ce":
+        terms = -torch.where(p > 0, p * torch.where(p > 0, log_q, 0.0), 0.0)
+    elif divergence == "reverse_kl":
+        terms = _xlogratio(q, log_q, log_p)
+    elif divergence == "jsd":
+        log_m = _log_mixture(log_p, log_q, beta)
+        terms = beta * _xlogratio(p, log_p, log_m) + (1 - beta) * _xlogratio(q, log_q, log_m)
+    elif divergence == "skew_forward_kl":
+        terms = _xlogratio(p, log_p, _log_mixture(log_p, log_q, alpha))
+    elif divergence == "skew_reverse_kl":
+        terms = _xlogratio(q, log_q, _log_mixture(log_q, log_p, alpha))
+    elif divergence == "tvd":
+        terms = 0.5 * (p - q).abs()
+    else:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return terms.sum(-1)
+
+
+def kd_loss_reference(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    softcap: float | None = None,
+    scale_by_temperature_squared: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    num_items_in_batch: int | float | Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Returns (loss, kd, ce) with loss = kd_weight * kd + ce_weight * ce, each reduced.
+
+    kd is T^2 * D (or D when scale_by_temperature_squared is False); ce is None when
+    ce_weight is 0. Arguments mean what they mean in :class:`fastkd.KDLoss`; they are not
+    validated here.
+    """
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(compute_dtype)
+    t = teacher_logits.detach().to(compute_dtype)
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+        t = softcap * torch.tanh(t / softcap)
+
+    log_q = F.log_softmax(s / temperature, dim=-1)
+    log_p = F.log_softmax(t / temperature, dim=-1)
+    t2 = temperature**2 if scale_by_temperature_squared else 1.0
+    kd_rows = t2 * divergence_per_row(log_p, log_q, divergence, beta, alpha)
+
+    lead_shape = s.shape[:-1]
+    keep = torch.ones(lead_shape, dtype=torch.bool, device=s.device)
+    if labels is not None:
+        keep = labels != ignore_index
+
+    ce_rows = None
+    if ce_weight != 0:
+        safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)
+        ce_rows = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels).squeeze(-1)
+
+    def reduce(rows: Tensor) -> Tensor:
+        rows = torch.where(keep, rows, 0.0)
+        if reduction == "none":
+            return rows
+        total = rows.sum()
+        if reduction == "sum":
+            return total
+        if reduction == "batchmean":
+            size0 = student_logits.shape[0] if student_logits.dim() > 0 else 1
+            return total / max(size0, 1)
+        if num_items_in_batch is not None:
+            denominator = torch.as_tensor(num_items_in_batch, device=s.device)
+        else:
+            denominator = keep.sum()
+        return total / denominator.to(compute_dtype).clamp_min(1)
+
+    kd = reduce(kd_rows)
+    ce = None if ce_rows is None else reduce(ce_rows)
+    loss = kd_weight * kd + (ce_weight * ce if ce is not None else 0.0)
+    return loss, kd, ce

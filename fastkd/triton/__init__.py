@@ -1,0 +1,1 @@
+"""Triton kernels (imported lazily: set TRITON_INTERPRET before importing them)."""

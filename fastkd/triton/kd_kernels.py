@@ -1,0 +1,348 @@
+"""Triton kernels for KDLoss: one program walks one row of the vocabulary (design.md §3).
+
+Pass 1 is an online softmax over vocabulary blocks: the log-sum-exps of a = s/T (student),
+b = t/T (teacher) and, when hard-label CE is mixed in, of s at temperature 1. For
+forward_kl, soft_ce and reverse_kl it also carries a cross term rescaled with the running
+max, so the loss is known after this one pass. The other divergences take a second pass
+for their loss and for S = sum_k q_k g_k. The last pass writes the gradient
+dL/ds_j = scale * (kd_coef/T * q_j (g_j - S) + ce_weight (softmax(s)_j - [j == y])) * cap'(s_j).
+Nothing of size N x V is allocated here: the caller hands in the gradient buffer (which may
+be the student logits themselves, since the last pass reads a block before writing it).
+
+Every sum, exp and log is float32; row offsets are int64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..divergences import DIVERGENCES
+
+FORWARD_KL = tl.constexpr(DIVERGENCES["forward_kl"].code)
+SOFT_CE = tl.constexpr(DIVERGENCES["soft_ce"].code)
+REVERSE_KL = tl.constexpr(DIVERGENCES["reverse_kl"].code)
+JSD = tl.constexpr(DIVERGENCES["jsd"].code)
+SKEW_FORWARD_KL = tl.constexpr(DIVERGENCES["skew_forward_kl"].code)
+SKEW_REVERSE_KL = tl.constexpr(DIVERGENCES["skew_reverse_kl"].code)
+TVD = tl.constexpr(DIVERGENCES["tvd"].code)
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _safe_shift(m):
+    # Running maxima start at -inf; exp(x - (-inf)) would be NaN, exp(x - 0) with x = -inf is 0.
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
+def _logaddexp(x, y):
+    mx = _safe_shift(tl.maximum(x, y))
+    return mx + tl.log(tl.exp(x - mx) + tl.exp(y - mx))
+
+
+@triton.jit
+def _xlogratio(w, log_w, log_v):
+    # w * (log_w - log_v) with 0 log 0 = 0 (masked -inf entries give 0, never NaN).
+    return tl.where(w > 0.0, w * (log_w - log_v), 0.0)
+
+
+@triton.jit
+def _tanh(x):
+    # libdevice.tanh is not available under TRITON_INTERPRET; this form saturates to +-1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _pointwise(DIV: tl.constexpr, log_p, log_q, w, log_w, log_1mw):
+    """The design.md §1 table for one vocabulary entry: (loss term, q_k * g_k).
+
+    w is beta (jsd) or alpha (skew KLs); log_w = log(w), log_1mw = log(1 - w).
+    """
+    p = tl.exp(log_p)
+    q = tl.exp(log_q)
+    if DIV == FORWARD_KL:
+        loss = _xlogratio(p, log_p, log_q)
+        qg = -p
+    elif DIV == SOFT_CE:
+        loss = tl.where(p > 0.0, -p * log_q, 0.0)
+        qg = -p
+    elif DIV == REVERSE_KL:
+        loss = _xlogratio(q, log_q, log_p)
+        qg = tl.where(q > 0.0, q * (log_q - log_p + 1.0), 0.0)
+    elif DIV == JSD:
+        log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
+        q_term = _xlogratio(q, log_q, log_m)
+        loss = w * _xlogratio(p, log_p, log_m) + (1.0 - w) * q_term
+        qg = (1.0 - w) * q_term
+    elif DIV == SKEW_FORWARD_KL:
+        log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
+        loss = _xlogratio(p, log_p, log_m)
+        qg = tl.where(p > 0.0, -(1.0 - w) * p * tl.exp(log_q - log_m), 0.0)
+    elif DIV == SKEW_REVERSE_KL:
+        log_m = _logaddexp(log_w + log_q, log_1mw + log_p)
+        q_over_m = tl.exp(log_q - log_m)
+        loss = _xlogratio(q, log_q, log_m)
+        qg = tl.where(q > 0.0, q * (log_q - log_m + 1.0 - w * q_over_m), 0.0)
+    else:  # TVD
+        loss = 0.5 * tl.abs(p - q)
+        qg = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
+    return loss, qg
+
+
+@triton.jit
+def _load_row_block(ptr, cols, n_cols, inv_t, softcap, SOFTCAP: tl.constexpr):
+    """Loads a block, soft-caps it, and returns (capped logits, logits / T); -inf past n_cols."""
+    mask = cols < n_cols
+    x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        x = softcap * _tanh(x / softcap)
+    x = tl.where(mask, x, NEG_INF)
+    return x, x * inv_t
+
+
+@triton.jit
+def _online_lse_step(m, z, x):
+    """Folds a block into a running (max, sum of exp(x - max)); returns it and exp(x - max)."""
+    m_new = tl.maximum(m, tl.max(x, axis=0))
+    shift = _safe_shift(m_new)
+    e = tl.exp(x - shift)
+    z = z * tl.exp(m - shift) + tl.sum(e, axis=0)
+    return m_new, z, e, tl.exp(m - shift)
+
+
+@triton.jit
+def kd_row_kernel(
+    s_ptr,
+    s_row_stride,
+    t_ptr,
+    t_row_stride,
+    labels_ptr,
+    grad_ptr,
+    grad_row_stride,
+    kd_rows_ptr,
+    ce_rows_ptr,
+    grad_scale_ptr,
+    V,
+    inv_t,
+    softcap,
+    w,
+    log_w,
+    log_1mw,
+    kd_grad_coef,
+    ce_weight,
+    ignore_index,
+    DIV: tl.constexpr,
+    ONE_PASS_LOSS: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Loss (and gradient) of one row.
+
+    Writes D to kd_rows[row] and CE to ce_rows[row] (0 for ignored rows). When COMPUTE_GRAD,
+    writes grad_scale * dL/ds to the gradient row, with kd_grad_coef = kd_weight * T^2 / T
+    (or kd_weight / T without T^2 scaling).
+    """
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_row_stride
+    t_row = t_ptr + row * t_row_stride
+    offs = tl.arange(0, BLOCK)
+
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + row).to(tl.int64)
+        ignored = label == ignore_index
+    else:
+        label = row * 0 - 1
+        ignored = row < 0
+    # An ignored row reads nothing: its loops run zero times and its outputs are 0.
+    n_cols = tl.where(ignored, 0, V)
+
+    # Pass 1: log-sum-exps, and the cross term for the one-pass divergences.
+    m_a = float("-inf")
+    z_a = 0.0
+    m_b = float("-inf")
+    z_b = 0.0
+    m_s = float("-inf")
+    z_s = 0.0
+    cross = 0.0
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+        _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+        m_a, z_a, e_a, rescale_a = _online_lse_step(m_a, z_a, a)
+        m_b, z_b, e_b, rescale_b = _online_lse_step(m_b, z_b, b)
+        if HAS_CE:
+            m_s, z_s, _, _ = _online_lse_step(m_s, z_s, s)
+        if DIV == FORWARD_KL:
+            cross = cross * rescale_b + tl.sum(tl.where(e_b > 0.0, e_b * (b - a), 0.0), axis=0)
+        elif DIV == SOFT_CE:
+            cross = cross * rescale_b - tl.sum(tl.where(e_b > 0.0, e_b * a, 0.0), axis=0)
+        elif DIV == REVERSE_KL:
+            cross = cross * rescale_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - b), 0.0), axis=0)
+    lse_a = m_a + tl.log(z_a)
+    lse_b = m_b + tl.log(z_b)
+
+    # The loss, and S = sum_k q_k g_k for the gradient.
+    if ONE_PASS_LOSS:
+        if DIV == FORWARD_KL:
+            kd = cross / z_b + lse_a - lse_b
+            qg_sum = -1.0
+        elif DIV == SOFT_CE:
+            kd = cross / z_b + lse_a
+            qg_sum = -1.0
+        else:  # REVERSE_KL
+            kd = cross / z_a + lse_b - lse_a
+            qg_sum = kd + 1.0
+    else:
+        kd_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        qg_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            _, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+            _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+            loss_terms, qg_terms = _pointwise(DIV, b - lse_b, a - lse_a, w, log_w, log_1mw)
+            kd_acc += loss_terms
+            qg_acc += qg_terms
+        kd = tl.sum(kd_acc, axis=0)
+        qg_sum = tl.sum(qg_acc, axis=0)
+
+    if HAS_CE:
+        lse_s = m_s + tl.log(z_s)
+        label_safe = tl.minimum(tl.maximum(label, 0), V - 1)
+        s_label = tl.load(s_row + label_safe).to(tl.float32)
+        if SOFTCAP:
+            s_label = softcap * _tanh(s_label / softcap)
+        ce = lse_s - s_label
+        tl.store(ce_rows_ptr + row, tl.where(ignored, 0.0, ce))
+    tl.store(kd_rows_ptr + row, tl.where(ignored, 0.0, kd))
+
+    if COMPUTE_GRAD:
+        # Last pass: it reads a block before writing it, so grad_ptr may alias s_ptr.
+        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+        g_row = grad_ptr + row * grad_row_stride
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+            _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+            log_q = a - lse_a
+            _, qg = _pointwise(DIV, b - lse_b, log_q, w, log_w, log_1mw)
+            g = kd_grad_coef * (qg - tl.exp(log_q) * qg_sum)
+            if HAS_CE:
+                g += ce_weight * (tl.exp(s - lse_s) - tl.where(cols == label, 1.0, 0.0))
+            if SOFTCAP:
+                g *= 1.0 - (s / softcap) * (s / softcap)
+            g = tl.where(ignored, 0.0, g * grad_scale)
+            tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
+
+
+@triton.jit
+def scale_rows_kernel(
+    grad_ptr, grad_row_stride, factor_ptr, factor_row_stride, V, BLOCK: tl.constexpr
+):
+    """grad[row] *= factor[row * factor_row_stride]; a row whose factor is 1 is not touched.
+
+    Backward of KDLoss: the stored gradient times grad_output. Reading the factor on the
+    device (no host sync) and skipping when it is 1 makes the common case free.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    factor = tl.load(factor_ptr + row * factor_row_stride).to(tl.float32)
+    if factor != 1.0:
+        g_row = grad_ptr + row * grad_row_stride
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < V
+            g = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(g_row + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_size(V: int) -> int:
+    return min(triton.next_power_of_2(max(V, 16)), 4096)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 2048 else 16
+
+
+def kd_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None,
+    grad: torch.Tensor | None,
+    grad_scale: torch.Tensor,
+    *,
+    divergence: str,
+    temperature: float,
+    param: float,
+    softcap: float | None,
+    kd_grad_coef: float,
+    ce_weight: float,
+    ignore_index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the row kernel on (N, V) row-major views; returns (kd_rows, ce_rows) in float32.
+
+    ``grad`` (N, V), or None for loss only, receives grad_scale * dL/ds; it may be ``student``.
+    """
+    n_rows, V = student.shape
+    kd_out = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    ce_out = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
+    if n_rows == 0:
+        return kd_out, ce_out
+    div = DIVERGENCES[divergence]
+    block = _block_size(V)
+    has_ce = labels is not None and ce_weight != 0
+    w = param if div.param else 0.5
+    kd_row_kernel[(n_rows,)](
+        student,
+        student.stride(0),
+        teacher,
+        teacher.stride(0),
+        labels if labels is not None else kd_out,
+        grad if grad is not None else student,
+        grad.stride(0) if grad is not None else 0,
+        kd_out,
+        ce_out,
+        grad_scale,
+        V,
+        1.0 / temperature,
+        softcap if softcap is not None else 1.0,
+        w,
+        math.log(w),
+        math.log1p(-w),
+        kd_grad_coef,
+        ce_weight,
+        ignore_index,
+        DIV=div.code,
+        ONE_PASS_LOSS=div.one_pass_loss,
+        HAS_LABELS=labels is not None,
+        HAS_CE=has_ce,
+        SOFTCAP=softcap is not None,
+        COMPUTE_GRAD=grad is not None,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
+    return kd_out, ce_out
+
+
+def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
+    """grad (N, V) *= factor, a 0-d tensor or one value per row, in place."""
+    n_rows, V = grad.shape
+    if n_rows == 0:
+        return
+    factor = factor.to(device=grad.device)
+    block = _block_size(V)
+    scale_rows_kernel[(n_rows,)](
+        grad,
+        grad.stride(0),
+        factor,
+        0 if factor.dim() == 0 else factor.stride(0),
+        V,
+        BLOCK=block,
+        num_warps=_num_warps(block),
+    )
