@@ -132,17 +132,43 @@ def kd_loss_op(
         else student.new_empty(0)
     )
     loss, kd, ce = _kd_forward(
-        student, teacher, labels, num_items_in_batch, divergence, temperature, param,
-        softcap, scale_t2, kd_weight, ce_weight, ignore_index, reduction, backend,
+        student,
+        teacher,
+        labels,
+        num_items_in_batch,
+        divergence,
+        temperature,
+        param,
+        softcap,
+        scale_t2,
+        kd_weight,
+        ce_weight,
+        ignore_index,
+        reduction,
+        backend,
         grad if compute_grad else None,
-    )  # fmt: skip
+    )
     return loss, kd, ce, grad
 
 
 @kd_loss_op.register_fake
-def _kd_loss_fake(student, teacher, labels, num_items_in_batch, divergence, temperature,
-                  param, softcap, scale_t2, kd_weight, ce_weight, ignore_index, reduction,
-                  backend, compute_grad):  # fmt: skip
+def _kd_loss_fake(
+    student,
+    teacher,
+    labels,
+    num_items_in_batch,
+    divergence,
+    temperature,
+    param,
+    softcap,
+    scale_t2,
+    kd_weight,
+    ce_weight,
+    ignore_index,
+    reduction,
+    backend,
+    compute_grad,
+):
     shape = _loss_shape(student, reduction)
     out = [student.new_empty(shape, dtype=torch.float32) for _ in range(3)]
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
@@ -168,15 +194,41 @@ def kd_loss_inplace_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(loss, kd, ce), with dloss/dstudent written over the student logits."""
     return _kd_forward(
-        student, teacher, labels, num_items_in_batch, divergence, temperature, param,
-        softcap, scale_t2, kd_weight, ce_weight, ignore_index, reduction, backend, student,
-    )  # fmt: skip
+        student,
+        teacher,
+        labels,
+        num_items_in_batch,
+        divergence,
+        temperature,
+        param,
+        softcap,
+        scale_t2,
+        kd_weight,
+        ce_weight,
+        ignore_index,
+        reduction,
+        backend,
+        student,
+    )
 
 
 @kd_loss_inplace_op.register_fake
-def _kd_loss_inplace_fake(student, teacher, labels, num_items_in_batch, divergence,
-                          temperature, param, softcap, scale_t2, kd_weight, ce_weight,
-                          ignore_index, reduction, backend):  # fmt: skip
+def _kd_loss_inplace_fake(
+    student,
+    teacher,
+    labels,
+    num_items_in_batch,
+    divergence,
+    temperature,
+    param,
+    softcap,
+    scale_t2,
+    kd_weight,
+    ce_weight,
+    ignore_index,
+    reduction,
+    backend,
+):
     shape = _loss_shape(student, reduction)
     return tuple(student.new_empty(shape, dtype=torch.float32) for _ in range(3))
 
@@ -250,8 +302,18 @@ def kd_loss_kernel(
     inplace_backward: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validated arguments in, (loss, kd, ce) out, through a kernel backend."""
-    config = (divergence, float(temperature), float(param), softcap, scale_t2,
-              float(kd_weight), float(ce_weight), int(ignore_index), reduction, backend)  # fmt: skip
+    config = (
+        divergence,
+        float(temperature),
+        float(param),
+        softcap,
+        scale_t2,
+        float(kd_weight),
+        float(ce_weight),
+        int(ignore_index),
+        reduction,
+        backend,
+    )
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     if compute_grad and inplace_backward:
         return _KDLossInplace.apply(student, teacher, labels, num_items_in_batch, *config)
@@ -259,4 +321,3 @@ def kd_loss_kernel(
         student, teacher, labels, num_items_in_batch, *config, compute_grad
     )
     return loss, kd.detach(), ce.detach()
-

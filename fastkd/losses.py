@@ -38,8 +38,18 @@ def _check_number(name: str, value, *, positive: bool = False) -> float:
     return float(value)
 
 
-def _check_options(divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight,
-                   ignore_index, reduction, backend) -> float:  # fmt: skip
+def _check_options(
+    divergence,
+    temperature,
+    beta,
+    alpha,
+    softcap,
+    kd_weight,
+    ce_weight,
+    ignore_index,
+    reduction,
+    backend,
+) -> float:
     """Validates the options that do not depend on the tensors; returns beta/alpha in use."""
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {sorted(DIVERGENCES)}, got {divergence!r}")
@@ -162,8 +172,18 @@ def kd_loss(
     ever flows to them. Returns the reduced loss (float32), or a :class:`KDLossOutput` with
     ``return_components=True``.
     """
-    param = _check_options(divergence, temperature, beta, alpha, softcap, kd_weight,
-                           ce_weight, ignore_index, reduction, backend)  # fmt: skip
+    param = _check_options(
+        divergence,
+        temperature,
+        beta,
+        alpha,
+        softcap,
+        kd_weight,
+        ce_weight,
+        ignore_index,
+        reduction,
+        backend,
+    )
     _check_logits(student_logits, teacher_logits)
     _check_labels(labels, student_logits, ignore_index)
     if ce_weight != 0 and labels is None:
@@ -175,23 +195,42 @@ def kd_loss(
 
     if chosen == "torch":
         loss, kd, ce = kd_loss_reference(
-            student_logits, teacher, labels, divergence=divergence, temperature=temperature,
-            beta=beta, alpha=alpha, softcap=softcap,
-            scale_by_temperature_squared=scale_by_temperature_squared, kd_weight=kd_weight,
-            ce_weight=ce_weight, ignore_index=ignore_index, reduction=reduction,
+            student_logits,
+            teacher,
+            labels,
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
+            alpha=alpha,
+            softcap=softcap,
+            scale_by_temperature_squared=scale_by_temperature_squared,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
             num_items_in_batch=num_items,
-        )  # fmt: skip
+        )
         kd, ce = kd.detach(), None if ce is None else ce.detach()
     else:
         if inplace_backward and student_logits.requires_grad:
             _check_inplace(student_logits)
         loss, kd, ce = _ops.kd_loss_kernel(
-            student_logits, teacher, labels, num_items, divergence=divergence,
-            temperature=temperature, param=param, softcap=softcap,
-            scale_t2=scale_by_temperature_squared, kd_weight=kd_weight, ce_weight=ce_weight,
-            ignore_index=ignore_index, reduction=reduction, backend=chosen,
+            student_logits,
+            teacher,
+            labels,
+            num_items,
+            divergence=divergence,
+            temperature=temperature,
+            param=param,
+            softcap=softcap,
+            scale_t2=scale_by_temperature_squared,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            backend=chosen,
             inplace_backward=inplace_backward,
-        )  # fmt: skip
+        )
         if ce_weight == 0:
             ce = None
     if return_components:
@@ -265,14 +304,32 @@ class KDLoss(nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        _check_options(divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight,
-                       ignore_index, reduction, backend)  # fmt: skip
+        _check_options(
+            divergence,
+            temperature,
+            beta,
+            alpha,
+            softcap,
+            kd_weight,
+            ce_weight,
+            ignore_index,
+            reduction,
+            backend,
+        )
         self.options = dict(
-            divergence=divergence, temperature=temperature, beta=beta, alpha=alpha,
-            softcap=softcap, scale_by_temperature_squared=scale_by_temperature_squared,
-            kd_weight=kd_weight, ce_weight=ce_weight, ignore_index=ignore_index,
-            reduction=reduction, inplace_backward=inplace_backward, backend=backend,
-        )  # fmt: skip
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
+            alpha=alpha,
+            softcap=softcap,
+            scale_by_temperature_squared=scale_by_temperature_squared,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            inplace_backward=inplace_backward,
+            backend=backend,
+        )
 
     def forward(
         self,
@@ -284,9 +341,13 @@ class KDLoss(nn.Module):
         return_components: bool = False,
     ) -> Tensor | KDLossOutput:
         return kd_loss(
-            student_logits, teacher_logits, labels, num_items_in_batch=num_items_in_batch,
-            return_components=return_components, **self.options,
-        )  # fmt: skip
+            student_logits,
+            teacher_logits,
+            labels,
+            num_items_in_batch=num_items_in_batch,
+            return_components=return_components,
+            **self.options,
+        )
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
