@@ -1,8 +1,17 @@
 """fastkd: fused knowledge-distillation losses for large vocabularies."""
 
+from ._extension import build_info
 from .divergences import DIVERGENCES, REDUCTIONS
 from .losses import KDLoss, KDLossOutput, kd_loss
 from .reference import kd_loss_reference
 
-__all__ = ["DIVERGENCES", "REDUCTIONS", "KDLoss", "KDLossOutput", "kd_loss", "kd_loss_reference"]
+__all__ = [
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "KDLoss",
+    "KDLossOutput",
+    "build_info",
+    "kd_loss",
+    "kd_loss_reference",
+]
 __version__ = "0.1.0"

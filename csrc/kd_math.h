@@ -1,0 +1,151 @@
+// Per-element divergence math of KDLoss (design.md §1), shared by the CPU and CUDA kernels.
+//
+// This is the C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py: each formula of the
+// design.md §1 table is written once here, as templates over the value type F. The CUDA kernel
+// instantiates them with F = float (host/device functions); the CPU kernel with
+// F = at::vec::Vectorized<float>, whose primitives it supplies by specialising `Ops<F>`.
+// Nothing here branches on the data: guards are selects, so a vector lane never diverges.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define KD_HD __host__ __device__ __forceinline__
+#else
+#define KD_HD inline
+#endif
+
+namespace fastkd {
+
+// The codes of fastkd/divergences.py (the source of truth); the tests run every divergence
+// of that table through these kernels against the float64 reference.
+enum Divergence : int {
+  FORWARD_KL = 0,
+  SOFT_CE = 1,
+  REVERSE_KL = 2,
+  JSD = 3,
+  SKEW_FORWARD_KL = 4,
+  SKEW_REVERSE_KL = 5,
+  TVD = 6,
+};
+constexpr int kNumDivergences = 7;
+
+// True when pass 1 yields the loss through a carried cross term (design.md §3), so that the
+// gradient needs one more pass only.
+KD_HD constexpr bool one_pass_loss(int div) {
+  return div == FORWARD_KL || div == SOFT_CE || div == REVERSE_KL;
+}
+
+// The mixture weight w (beta for jsd, alpha for the skew KLs) with log(w) and log(1 - w).
+struct MixWeight {
+  float w;
+  float log_w;
+  float log_1mw;
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Elementwise primitives of a value type F. Comparisons return F's mask type, which
+// `select(mask, a, b)` consumes (a where the mask holds, b elsewhere).
+template <class F>
+struct Ops;
+
+template <>
+struct Ops<float> {
+  KD_HD static float exp(float x) {
+#if defined(__CUDA_ARCH__)
+    return __expf(x);  // ex2.approx: a few ulp, enough for the 1e-5 contract of design.md §2
+#else
+    return std::exp(x);
+#endif
+  }
+  KD_HD static float log1p(float x) { return ::log1pf(x); }
+  KD_HD static float tanh(float x) { return ::tanhf(x); }
+  KD_HD static float abs(float x) { return ::fabsf(x); }
+  KD_HD static float max(float a, float b) { return ::fmaxf(a, b); }
+  KD_HD static float min(float a, float b) { return ::fminf(a, b); }
+  KD_HD static bool gt(float a, float b) { return a > b; }
+  KD_HD static bool lt(float a, float b) { return a < b; }
+  KD_HD static bool eq(float a, float b) { return a == b; }
+  KD_HD static float select(bool m, float a, float b) { return m ? a : b; }
+};
+
+// A running maximum starts at -inf; exp(x - (-inf)) would be NaN, exp(x - 0) with x = -inf
+// is 0. Used on the scalar maxima of the online softmax.
+KD_HD float safe_shift(float m) { return m == kNegInf ? 0.0f : m; }
+
+// w * (log_w - log_v), with 0 log 0 = 0: masked (-inf) entries give 0, never NaN.
+template <class F>
+KD_HD F xlogratio(F w, F log_w, F log_v) {
+  using O = Ops<F>;
+  return O::select(O::gt(w, F(0.0f)), w * (log_w - log_v), F(0.0f));
+}
+
+// log(e^x + e^y) as max + log1p(e^-|x - y|): one exp and one log1p. When both are -inf
+// (a masked entry) the shift of 0 keeps the result -inf instead of NaN.
+template <class F>
+KD_HD F logaddexp(F x, F y) {
+  using O = Ops<F>;
+  const F hi = O::max(x, y);
+  const F lo = O::min(x, y);
+  const F shift = O::select(O::eq(hi, F(kNegInf)), F(0.0f), hi);
+  return hi + O::log1p(O::exp(lo - shift));
+}
+
+// Soft-capping c * tanh(x / c) (design.md §1, before the temperature), and its derivative
+// written with the capped value x_c: d(x_c)/dx = 1 - (x_c / c)^2.
+template <class F>
+KD_HD F softcap(F x, float cap, float inv_cap) {
+  return F(cap) * Ops<F>::tanh(x * F(inv_cap));
+}
+template <class F>
+KD_HD F softcap_grad(F capped, float inv_cap) {
+  const F r = capped * F(inv_cap);
+  return F(1.0f) - r * r;
+}
+
+template <class F>
+struct Terms {
+  F loss;  // this entry's term of D(p, q)
+  F qg;    // q_k * g_k, g_k = dD/dq_k; the gradient is q_j (g_j - sum_k q_k g_k)
+};
+
+// The design.md §1 table for one vocabulary entry, from the teacher's and the student's
+// log-probabilities and probabilities (p = exp(log_p), q = exp(log_q): the callers have them).
+template <int DIV, class F>
+KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, const MixWeight& mix) {
+  using O = Ops<F>;
+  const F zero(0.0f);
+  if constexpr (DIV == FORWARD_KL) {
+    return {xlogratio(p, log_p, log_q), zero - p};
+  } else if constexpr (DIV == SOFT_CE) {
+    return {O::select(O::gt(p, zero), zero - p * log_q, zero), zero - p};
+  } else if constexpr (DIV == REVERSE_KL) {
+    return {xlogratio(q, log_q, log_p),
+            O::select(O::gt(q, zero), q * (log_q - log_p + F(1.0f)), zero)};
+  } else if constexpr (DIV == JSD) {
+    // Mixtures in log space, never log(w p + (1 - w) q): both probabilities underflow.
+    const F log_m = logaddexp(F(mix.log_w) + log_p, F(mix.log_1mw) + log_q);
+    const F q_term = xlogratio(q, log_q, log_m);
+    return {F(mix.w) * xlogratio(p, log_p, log_m) + F(1.0f - mix.w) * q_term,
+            F(1.0f - mix.w) * q_term};
+  } else if constexpr (DIV == SKEW_FORWARD_KL) {
+    const F log_m = logaddexp(F(mix.log_w) + log_p, F(mix.log_1mw) + log_q);
+    return {xlogratio(p, log_p, log_m),
+            O::select(O::gt(p, zero), zero - F(1.0f - mix.w) * p * O::exp(log_q - log_m), zero)};
+  } else if constexpr (DIV == SKEW_REVERSE_KL) {
+    const F log_m = logaddexp(F(mix.log_w) + log_q, F(mix.log_1mw) + log_p);
+    const F q_over_m = O::exp(log_q - log_m);
+    return {xlogratio(q, log_q, log_m),
+            O::select(O::gt(q, zero), q * (log_q - log_m + F(1.0f) - F(mix.w) * q_over_m),
+                      zero)};
+  } else {
+    static_assert(DIV == TVD, "a divergence code without a row in the table");
+    const F half_q = F(0.5f) * q;
+    return {F(0.5f) * O::abs(p - q),
+            O::select(O::gt(q, p), half_q, O::select(O::lt(q, p), zero - half_q, zero))};
+  }
+}
+
+}  // namespace fastkd
