@@ -44,11 +44,11 @@ def _find_cuda_home(nvcc: str) -> str | None:
     """
     try:
         dry = subprocess.run(
-            [nvcc, "--dryrun", "--version"], capture_output=True, text=True, timeout=60
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
         )
         match = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
         if match:
-            return os.path.realpath(os.path.join(match.group(1).strip(), ".."))
+            return os.path.realpath(match.group(1).strip())  # <root>/bin/..
     except (OSError, subprocess.SubprocessError):
         pass
     home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
@@ -116,8 +116,9 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     opt = ["-O3"]
-    # torch's vec headers carry clang/nvcc pragmas, and GCC 12 misreads AVX-512 broadcasts
-    # as uninitialised: neither is about fastkd's code.
+    # torch's vec headers carry clang/nvcc loop pragmas that GCC does not know, and GCC 12
+    # flags its own AVX-512 intrinsic headers (_mm512_undefined_*, GCC bug 105593) under
+    # at::vec::maximum: neither is about fastkd's code.
     quiet = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
     include = [os.path.abspath(CSRC)]
     exts = []

@@ -73,12 +73,20 @@ inline Vec load(const float* ptr, int64_t count, float pad) {
   return Vec::set(Vec(pad), Vec::loadu(ptr, count), count);
 }
 
+// Horizontal max and sum of a vector (once per chunk, so plain loops over its lanes).
 inline float hmax(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); },
-                                        v);
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float r = lanes[0];
+  for (int64_t k = 1; k < kVec; ++k) r = std::max(r, lanes[k]);
+  return r;
 }
 inline float hsum(const Vec& v) {
-  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, v);
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float r = 0.0f;
+  for (int64_t k = 0; k < kVec; ++k) r += lanes[k];
+  return r;
 }
 
 inline float max_of(const float* x, int64_t n) {

@@ -1,10 +1,11 @@
 // CUDA row kernel of KDLoss (design.md §3), with the divergence math of kd_math.h.
 //
 // A team of threads walks one row: a whole block (64..512 threads) when the row is long, or a
-// single warp, several rows to a block, when it is short. Each thread reads 16 bytes at a time
-// (8 bf16/fp16 or 4 fp32 entries; a row whose student, teacher and gradient rows are not
-// equally aligned is read entry by entry) and keeps its own online softmax; teams combine
-// them with warp shuffles, then through shared memory across the block's warps.
+// single warp, several rows to a block, when it is short. Each thread reads packs of 8
+// entries (one 16-byte load of bf16/fp16, two of fp32) and keeps its own online softmax;
+// teams combine them with warp shuffles, then through shared memory across the block's warps.
+// The entries before the first aligned pack and after the last one are read one at a time;
+// so is a whole row whose student, teacher and gradient rows cannot be aligned together.
 //
 // Pass 1  log-sum-exps of a = s/T and b = t/T (and of s when CE is on and T != 1); for
 //         forward_kl, soft_ce and reverse_kl also the cross term, so the loss is known here.
@@ -13,15 +14,20 @@
 //         [j == y])) * cap'(s_j). Each thread reads an entry before it writes it, and every
 //         earlier read of the row happens before the team synchronises, so the gradient may
 //         be written over the student row.
-// Row offsets are int64 (N * V passes 2^31); the kernels run on the current stream.
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
+//
+// One kernel per divergence; the input dtypes are kernel arguments, read by a branch that is
+// the same for every thread (nine dtype pairs as template arguments made the build 9x
+// longer for no measurable gain in a kernel bound by memory and exp). Row offsets are int64
+// (N * V passes 2^31).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
+#include "kd_cuda.h"
 #include "kd_math.h"
-#include "kd_rows.h"
 
 namespace fastkd {
 namespace {
@@ -30,32 +36,102 @@ constexpr int kWarp = 32;
 constexpr int kMaxTeam = 512;  // threads per row at most; 128 registers a thread at full block
 constexpr int kMaxWarps = kMaxTeam / kWarp;
 constexpr int kRowsPerWarpBlock = 8;  // rows per block when a warp walks a row
+constexpr int kPack = 8;              // entries per pack
 
-// Entries per 16-byte access: the narrower input type sets the count, so that neither
-// input's access is wider than 16 bytes.
-template <class ST, class TT>
-constexpr int pack_size() {
-  return 16 / (sizeof(ST) > sizeof(TT) ? sizeof(ST) : sizeof(TT));
+__device__ __forceinline__ int elem_size(DType dt) { return dt == kF32 ? 4 : 2; }
+
+// Whether entry h of the row at ptr starts a 16-byte aligned access.
+__device__ __forceinline__ bool aligned16(const void* ptr, DType dt, int64_t h) {
+  const int elem = elem_size(dt);
+  return (reinterpret_cast<uintptr_t>(ptr) / elem + h) % (16 / elem) == 0;
 }
 
-template <class T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
-
-template <int N, class T>
-__device__ __forceinline__ void load_f32(const T* ptr, float (&out)[N]) {
-  const Pack<T, N> pk = *reinterpret_cast<const Pack<T, N>*>(ptr);
+// N (1 or kPack) entries from i, as float32.
+template <int N>
+__device__ __forceinline__ void load_f32(const void* row, DType dt, int64_t i, float (&out)[N]) {
+  if (dt == kF32) {
+    const float* p = static_cast<const float*>(row) + i;
+    if constexpr (N == 1) {
+      out[0] = *p;
+    } else {
 #pragma unroll
-  for (int k = 0; k < N; ++k) out[k] = static_cast<float>(pk.v[k]);
+      for (int h = 0; h < N / 4; ++h) {
+        const float4 v = *reinterpret_cast<const float4*>(p + 4 * h);
+        out[4 * h] = v.x;
+        out[4 * h + 1] = v.y;
+        out[4 * h + 2] = v.z;
+        out[4 * h + 3] = v.w;
+      }
+    }
+  } else if (dt == kBF16) {
+    const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(row) + i;
+    if constexpr (N == 1) {
+      out[0] = __bfloat162float(*p);
+    } else {
+      static_assert(N == 8, "a pack of 16-bit entries is one 16-byte load");
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(pairs[k]);
+        out[2 * k] = f.x;
+        out[2 * k + 1] = f.y;
+      }
+    }
+  } else {
+    const __half* p = static_cast<const __half*>(row) + i;
+    if constexpr (N == 1) {
+      out[0] = __half2float(*p);
+    } else {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(pairs[k]);
+        out[2 * k] = f.x;
+        out[2 * k + 1] = f.y;
+      }
+    }
+  }
 }
 
-template <int N, class T>
-__device__ __forceinline__ void store_f32(T* ptr, const float (&in)[N]) {
-  Pack<T, N> pk;
+// N entries from i, rounded to the row's dtype (round to nearest even).
+template <int N>
+__device__ __forceinline__ void store_f32(void* row, DType dt, int64_t i, const float (&in)[N]) {
+  if (dt == kF32) {
+    float* p = static_cast<float*>(row) + i;
+    if constexpr (N == 1) {
+      *p = in[0];
+    } else {
 #pragma unroll
-  for (int k = 0; k < N; ++k) pk.v[k] = static_cast<T>(in[k]);
-  *reinterpret_cast<Pack<T, N>*>(ptr) = pk;
+      for (int h = 0; h < N / 4; ++h) {
+        *reinterpret_cast<float4*>(p + 4 * h) =
+            make_float4(in[4 * h], in[4 * h + 1], in[4 * h + 2], in[4 * h + 3]);
+      }
+    }
+  } else if (dt == kBF16) {
+    __nv_bfloat16* p = static_cast<__nv_bfloat16*>(row) + i;
+    if constexpr (N == 1) {
+      *p = __float2bfloat16_rn(in[0]);
+    } else {
+      uint4 raw;
+      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) pairs[k] = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
+      *reinterpret_cast<uint4*>(p) = raw;
+    }
+  } else {
+    __half* p = static_cast<__half*>(row) + i;
+    if constexpr (N == 1) {
+      *p = __float2half_rn(in[0]);
+    } else {
+      uint4 raw;
+      __half2* pairs = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) pairs[k] = __floats2half2_rn(in[2 * k], in[2 * k + 1]);
+      *reinterpret_cast<uint4*>(p) = raw;
+    }
+  }
 }
 
 struct SumOp {
@@ -108,7 +184,7 @@ struct OnlineLse {
   float max = kNegInf;
   float sum = 0.0f;
 
-  // Folds in n entries; returns the rescale of what was carried and writes exp(x - max).
+  // Folds in N entries; returns the rescale of what was carried and writes exp(x - max).
   template <int N>
   __device__ __forceinline__ float step(const float (&x)[N], float (&e)[N]) {
     float chunk_max = x[0];
@@ -128,23 +204,8 @@ struct OnlineLse {
   }
 };
 
-template <class ST, class TT>
-struct RowArgs {
-  const ST* s;
-  const TT* t;
-  ST* g;  // nullptr: loss only
-  int64_t s_stride, t_stride, g_stride;  // in entries
-  const int64_t* labels;                 // nullptr: no labels
-  const float* grad_scale;               // 0-d
-  float* kd_out;
-  float* ce_out;
-  KdRowsParams p;
-};
-
-template <int DIV, class ST, class TT>
-__global__ void __launch_bounds__(kMaxTeam)
-    kd_rows_kernel(const RowArgs<ST, TT> args) {
-  constexpr int VEC = pack_size<ST, TT>();
+template <int DIV>
+__global__ void __launch_bounds__(kMaxTeam) kd_rows_kernel(const KdRowsLaunch args) {
   __shared__ float smem[4 * kMaxWarps];
   const KdRowsParams& p = args.p;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
@@ -152,38 +213,43 @@ __global__ void __launch_bounds__(kMaxTeam)
   const int tid = threadIdx.x;
   const int team = blockDim.x;
   const int64_t V = p.V;
-  const ST* s_row = args.s + row * args.s_stride;
-  const TT* t_row = args.t + row * args.t_stride;
-  ST* g_row = args.g ? args.g + row * args.g_stride : nullptr;
+  const DType s_dt = args.s_dtype;
+  const DType t_dt = args.t_dtype;
+  const void* s_row = static_cast<const char*>(args.s) + row * args.s_stride * elem_size(s_dt);
+  const void* t_row = static_cast<const char*>(args.t) + row * args.t_stride * elem_size(t_dt);
+  void* g_row =
+      args.g ? static_cast<char*>(args.g) + row * args.g_stride * elem_size(s_dt) : nullptr;
 
   const int64_t label = args.labels ? args.labels[row] : -1;
   if (args.labels && label == p.ignore_index) {
     if (tid == 0) args.kd_out[row] = 0.0f;  // ce_out is zero-initialised
     if (g_row) {
-      for (int64_t i = tid; i < V; i += team) g_row[i] = static_cast<ST>(0.0f);
+      const float zero[1] = {0.0f};
+      for (int64_t i = tid; i < V; i += team) store_f32<1>(g_row, s_dt, i, zero);
     }
     return;
   }
 
-  // Entries [0, head) and [tail, V) one at a time, [head, tail) in packs of VEC. The packs
-  // need the three rows equally aligned; a row where they are not is read entry by entry.
-  const auto misalign = [](const void* ptr, int elem) {
-    return static_cast<int64_t>(reinterpret_cast<uintptr_t>(ptr) / elem % VEC);
-  };
-  const int64_t head_s = (VEC - misalign(s_row, sizeof(ST))) % VEC;
-  bool packed = (misalign(t_row, sizeof(TT)) + head_s) % VEC == 0;
-  if (g_row) packed = packed && (misalign(g_row, sizeof(ST)) + head_s) % VEC == 0;
-  const int64_t head = packed ? (head_s < V ? head_s : V) : V;
-  const int64_t n_packs = (V - head) / VEC;
-  const int64_t tail = head + n_packs * VEC;
+  // Entries [0, head) and [tail, V) one at a time, [head, tail) in packs: head is the first
+  // entry where the student, teacher and gradient rows all allow 16-byte accesses.
+  int64_t head = V;
+  for (int h = 0; h < kPack && h < V; ++h) {
+    if (aligned16(s_row, s_dt, h) && aligned16(t_row, t_dt, h) &&
+        (!g_row || aligned16(g_row, s_dt, h))) {
+      head = h;
+      break;
+    }
+  }
+  const int64_t n_packs = (V - head) / kPack;
+  const int64_t tail = head + n_packs * kPack;
 
-  // Calls visit(i, s[N], t[N]) on every entry this thread owns, s soft-capped, in float32.
+  // Calls visit(i, s[N], t[N]) on every entry this thread owns, soft-capped, in float32.
   const auto for_row = [&](const auto& visit) {
     const auto one = [&](int64_t i, auto n_const) {
       constexpr int N = decltype(n_const)::value;
       float sv[N], tv[N];
-      load_f32<N>(s_row + i, sv);
-      load_f32<N>(t_row + i, tv);
+      load_f32<N>(s_row, s_dt, i, sv);
+      load_f32<N>(t_row, t_dt, i, tv);
       if (p.has_softcap) {
 #pragma unroll
         for (int k = 0; k < N; ++k) {
@@ -194,18 +260,18 @@ __global__ void __launch_bounds__(kMaxTeam)
       visit(i, sv, tv);
     };
     using One = std::integral_constant<int, 1>;
-    using Packed = std::integral_constant<int, VEC>;
+    using Packed = std::integral_constant<int, kPack>;
     for (int64_t i = tid; i < head; i += team) one(i, One{});
-    for (int64_t k = tid; k < n_packs; k += team) one(head + k * VEC, Packed{});
+    for (int64_t k = tid; k < n_packs; k += team) one(head + k * kPack, Packed{});
     for (int64_t i = tail + tid; i < V; i += team) one(i, One{});
   };
 
   const bool ce_own = p.has_ce && p.inv_t != 1.0f;  // else softmax(s) is q
   float s_label = 0.0f;
   if (p.has_ce) {
-    const int64_t y = label < 0 ? 0 : (label >= V ? V - 1 : label);
-    s_label = static_cast<float>(s_row[y]);
-    if (p.has_softcap) s_label = softcap(s_label, p.cap, p.inv_cap);
+    float y_val[1];
+    load_f32<1>(s_row, s_dt, label < 0 ? 0 : (label >= V ? V - 1 : label), y_val);
+    s_label = p.has_softcap ? softcap(y_val[0], p.cap, p.inv_cap) : y_val[0];
   }
 
   // Pass 1.
@@ -225,18 +291,20 @@ __global__ void __launch_bounds__(kMaxTeam)
       float e_s[N];
       lse_s.step(sv, e_s);
     }
-    float c = 0.0f;
+    if constexpr (one_pass_loss(DIV)) {
+      float c = 0.0f;
 #pragma unroll
-    for (int k = 0; k < N; ++k) {
-      if constexpr (DIV == FORWARD_KL) {
-        c += e_b[k] > 0.0f ? e_b[k] * (b[k] - a[k]) : 0.0f;
-      } else if constexpr (DIV == SOFT_CE) {
-        c -= e_b[k] > 0.0f ? e_b[k] * a[k] : 0.0f;
-      } else if constexpr (DIV == REVERSE_KL) {
-        c += e_a[k] > 0.0f ? e_a[k] * (a[k] - b[k]) : 0.0f;
+      for (int k = 0; k < N; ++k) {
+        if constexpr (DIV == FORWARD_KL) {
+          c += e_b[k] > 0.0f ? e_b[k] * (b[k] - a[k]) : 0.0f;
+        } else if constexpr (DIV == SOFT_CE) {
+          c -= e_b[k] > 0.0f ? e_b[k] * a[k] : 0.0f;
+        } else {
+          c += e_a[k] > 0.0f ? e_a[k] * (a[k] - b[k]) : 0.0f;
+        }
       }
+      cross = cross * (DIV == REVERSE_KL ? rescale_a : rescale_b) + c;
     }
-    if constexpr (one_pass_loss(DIV)) cross = cross * (DIV == REVERSE_KL ? rescale_a : rescale_b) + c;
   });
   float maxima[3] = {lse_a.max, lse_b.max, lse_s.max};
   team_reduce(maxima, MaxOp{}, smem);
@@ -308,135 +376,79 @@ __global__ void __launch_bounds__(kMaxTeam)
       }
       if (p.has_softcap) g[k] *= softcap_grad(sv[k], p.inv_cap);
     }
-    store_f32<N>(g_row + i, g);
+    store_f32<N>(g_row, s_dt, i, g);
   });
 }
 
-template <class T>
-__global__ void scale_rows_kernel(T* grad, int64_t stride, const float* factor,
+__global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const float* factor,
                                   int64_t factor_stride, int64_t V) {
   const int64_t row = blockIdx.x;
   const float f = factor[row * factor_stride];
   if (f == 1.0f) return;  // the common backward (grad_output == 1) touches nothing
-  T* g = grad + row * stride;
+  void* g = static_cast<char*>(grad) + row * stride * elem_size(dt);
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-    g[i] = static_cast<T>(static_cast<float>(g[i]) * f);
+    float x[1];
+    load_f32<1>(g, dt, i, x);
+    x[0] *= f;
+    store_f32<1>(g, dt, i, x);
   }
 }
 
 // Threads per row: enough for about four packs each, from one warp up to kMaxTeam.
-int team_size(int64_t V, int vec) {
-  const int64_t packs = (V + vec - 1) / vec;
+int team_size(int64_t V) {
+  const int64_t packs = (V + kPack - 1) / kPack;
   int team = kWarp;
   while (team < kMaxTeam && static_cast<int64_t>(team) * 4 < packs) team *= 2;
   return team;
 }
 
-template <class ST, class TT>
-void launch_typed(const KdRowsCall& call) {
-  const KdRowsParams& p = call.p;
-  RowArgs<ST, TT> args{};
-  args.s = call.student.data_ptr<ST>();
-  args.t = call.teacher.data_ptr<TT>();
-  args.g = p.compute_grad ? call.grad.data_ptr<ST>() : nullptr;
-  args.s_stride = call.student.stride(0);
-  args.t_stride = call.teacher.stride(0);
-  args.g_stride = p.compute_grad ? call.grad.stride(0) : 0;
-  args.labels = p.has_labels ? call.labels.data_ptr<int64_t>() : nullptr;
-  args.grad_scale = call.grad_scale.data_ptr<float>();
-  args.kd_out = call.kd_rows.data_ptr<float>();
-  args.ce_out = call.ce_rows.data_ptr<float>();
-  args.p = p;
-
-  const int team = team_size(p.V, pack_size<ST, TT>());
-  const int rows_per_block = team == kWarp ? kRowsPerWarpBlock : 1;
-  const dim3 block(team, rows_per_block);
-  const int64_t n_blocks = (p.n_rows + rows_per_block - 1) / rows_per_block;
-  TORCH_CHECK(n_blocks <= 0x7fffffff, "fastkd::kd_rows: too many rows for one launch");
-  const dim3 grid(static_cast<unsigned>(n_blocks));
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  switch (p.divergence) {
-#define FASTKD_LAUNCH(DIV)                                                  \
-  case DIV:                                                                 \
-    kd_rows_kernel<DIV, ST, TT><<<grid, block, 0, stream>>>(args);          \
-    break;
-    FASTKD_LAUNCH(FORWARD_KL)
-    FASTKD_LAUNCH(SOFT_CE)
-    FASTKD_LAUNCH(REVERSE_KL)
-    FASTKD_LAUNCH(JSD)
-    FASTKD_LAUNCH(SKEW_FORWARD_KL)
-    FASTKD_LAUNCH(SKEW_REVERSE_KL)
-    FASTKD_LAUNCH(TVD)
-#undef FASTKD_LAUNCH
-    default:
-      TORCH_CHECK(false, "fastkd::kd_rows: unknown divergence code ", p.divergence);
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-template <class ST>
-void launch_student(const KdRowsCall& call) {
-  switch (call.teacher.scalar_type()) {
-    case at::kFloat:
-      return launch_typed<ST, float>(call);
-    case at::kBFloat16:
-      return launch_typed<ST, at::BFloat16>(call);
-    default:
-      return launch_typed<ST, at::Half>(call);
-  }
-}
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
-    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
-    double ce_weight, int64_t ignore_index) {
-  TORCH_CHECK(student.is_cuda(), "fastkd::kd_rows (CUDA): student must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(student.device());
-  KdRowsCall call = prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence,
-                                    temperature, param, softcap, kd_grad_coef, ce_weight,
-                                    ignore_index);
-  if (call.p.n_rows == 0) return {call.kd_rows, call.ce_rows};
-  switch (student.scalar_type()) {
-    case at::kFloat:
-      launch_student<float>(call);
+cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream) {
+  const KdRowsParams& p = args.p;
+  if (p.n_rows == 0) return cudaSuccess;
+  const int team = team_size(p.V);
+  const int rows_per_block = team == kWarp ? kRowsPerWarpBlock : 1;
+  const int64_t n_blocks = (p.n_rows + rows_per_block - 1) / rows_per_block;
+  if (n_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(n_blocks));
+  const dim3 block(team, rows_per_block);
+  switch (p.divergence) {
+    case FORWARD_KL:
+      kd_rows_kernel<FORWARD_KL><<<grid, block, 0, stream>>>(args);
       break;
-    case at::kBFloat16:
-      launch_student<at::BFloat16>(call);
+    case SOFT_CE:
+      kd_rows_kernel<SOFT_CE><<<grid, block, 0, stream>>>(args);
+      break;
+    case REVERSE_KL:
+      kd_rows_kernel<REVERSE_KL><<<grid, block, 0, stream>>>(args);
+      break;
+    case JSD:
+      kd_rows_kernel<JSD><<<grid, block, 0, stream>>>(args);
+      break;
+    case SKEW_FORWARD_KL:
+      kd_rows_kernel<SKEW_FORWARD_KL><<<grid, block, 0, stream>>>(args);
+      break;
+    case SKEW_REVERSE_KL:
+      kd_rows_kernel<SKEW_REVERSE_KL><<<grid, block, 0, stream>>>(args);
+      break;
+    case TVD:
+      kd_rows_kernel<TVD><<<grid, block, 0, stream>>>(args);
       break;
     default:
-      launch_student<at::Half>(call);
+      return cudaErrorInvalidValue;
   }
-  return {call.kd_rows, call.ce_rows};
+  return cudaGetLastError();
 }
 
-void scale_rows_cuda(at::Tensor& grad, const at::Tensor& factor) {
-  TORCH_CHECK(grad.is_cuda(), "fastkd::scale_rows_ (CUDA): grad must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor f = prepare_scale_factor(grad, factor);
-  const int64_t n_rows = grad.size(0);
-  if (n_rows == 0) return;
-  TORCH_CHECK(n_rows <= 0x7fffffff, "fastkd::scale_rows_: too many rows for one launch");
-  const dim3 grid(static_cast<unsigned>(n_rows));
-  const int64_t f_stride = f.dim() == 0 ? 0 : f.stride(0);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const float* fp = f.data_ptr<float>();
-  switch (grad.scalar_type()) {
-    case at::kFloat:
-      scale_rows_kernel<float><<<grid, 256, 0, stream>>>(
-          grad.data_ptr<float>(), grad.stride(0), fp, f_stride, grad.size(1));
-      break;
-    case at::kBFloat16:
-      scale_rows_kernel<at::BFloat16><<<grid, 256, 0, stream>>>(
-          grad.data_ptr<at::BFloat16>(), grad.stride(0), fp, f_stride, grad.size(1));
-      break;
-    default:
-      scale_rows_kernel<at::Half><<<grid, 256, 0, stream>>>(
-          grad.data_ptr<at::Half>(), grad.stride(0), fp, f_stride, grad.size(1));
-  }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* factor,
+                              int64_t factor_stride, int64_t n_rows, int64_t V,
+                              cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  scale_rows_kernel<<<static_cast<unsigned>(n_rows), 256, 0, stream>>>(grad, dtype, stride, factor,
+                                                                       factor_stride, V);
+  return cudaGetLastError();
 }
 
 }  // namespace fastkd

@@ -15,27 +15,9 @@
 #include <cmath>
 #include <tuple>
 
-#include "kd_math.h"
+#include "kd_params.h"
 
 namespace fastkd {
-
-// Everything a kernel needs besides the tensors' data pointers.
-struct KdRowsParams {
-  int64_t n_rows = 0;
-  int64_t V = 0;
-  int divergence = FORWARD_KL;
-  float inv_t = 1.0f;      // 1 / temperature
-  float cap = 0.0f;        // soft-cap c (when has_softcap)
-  float inv_cap = 0.0f;    // 1 / c
-  MixWeight mix{};         // beta or alpha with its logs
-  float kd_grad_coef = 0;  // kd_weight * (T^2 or 1) / T: dL/ds = kd_grad_coef * dD/da + ...
-  float ce_weight = 0;
-  int64_t ignore_index = -100;
-  bool has_labels = false;
-  bool has_ce = false;  // labels given and ce_weight != 0
-  bool has_softcap = false;
-  bool compute_grad = false;
-};
 
 // The checked arguments of one kd_rows call, with its outputs allocated.
 struct KdRowsCall {
