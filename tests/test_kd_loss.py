@@ -343,3 +343,17 @@ def test_module_matches_functional(target):
     module = fastkd.KDLoss(**opts)
     assert "jsd" in repr(module)
     torch.testing.assert_close(module(s, t), fastkd.kd_loss(s, t, **opts), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_second_backward_raises(target, inplace):
+    """The stored gradient is scaled in place by the backward: a second backward through the
+    same graph must fail loudly, not return a gradient scaled twice."""
+    backend, device = target
+    gen = _generator("twice", inplace)
+    s = make_logits((3, 11), torch.float32, device, gen).requires_grad_(True)
+    t = make_logits((3, 11), torch.float32, device, gen)
+    loss = fastkd.kd_loss(s, t, backend=backend, inplace_backward=inplace)
+    (loss * 2).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
