@@ -46,7 +46,9 @@ def test_matrix(target, divergence, dtype, temperature, reduction, label_mode):
     check_against_reference(s, t, labels, backend, gen, **options)
 
 
-@pytest.mark.parametrize("shape", [(3, 1), (4, 7), (2, 1000), (3, 5000)], ids=str)
+@pytest.mark.parametrize(
+    "shape", [(3, 1), (4, 7), (2, 1000), (3, 5000), (2, 32003), (2, 128256)], ids=str
+)
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd", "tvd"])
 def test_vocab_sizes(target, divergence, shape):
     """V = 1, a tiny odd V, and V spanning several vocabulary blocks."""
@@ -357,3 +359,26 @@ def test_second_backward_raises(target, inplace):
     (loss * 2).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_offsets_past_2_31(target, divergence):
+    """N * V > 2^31 (16.4k tokens x 131k vocab): row offsets must be 64-bit."""
+    backend, device = target
+    if device != "cuda":
+        pytest.skip("needs a GPU: 2^31 elements are too many for the Triton interpreter")
+    N, V = 16400, 131072
+    assert N * V > 2**31
+    gen = torch.Generator(device=device).manual_seed(0)
+    s = torch.randn(N, V, device=device, dtype=torch.bfloat16, generator=gen).requires_grad_()
+    t = torch.randn(N, V, device=device, dtype=torch.bfloat16, generator=gen)
+    loss = fastkd.kd_loss(s, t, divergence=divergence, reduction="none", backend=backend)
+    loss.sum().backward()
+    rows = [0, N // 2, N - 1]
+    s64 = s.detach()[rows].double().requires_grad_(True)
+    ref, _, _ = fastkd.kd_loss_reference(
+        s64, t[rows].double(), divergence=divergence, reduction="none"
+    )
+    ref.sum().backward()
+    torch.testing.assert_close(loss[rows].double(), ref, rtol=1e-5, atol=0)
+    assert (s.grad[rows].double() - s64.grad).norm() <= 1e-2 * s64.grad.norm()
