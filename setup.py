@@ -44,7 +44,10 @@ def _find_cuda_home(nvcc: str) -> str | None:
     """
     try:
         dry = subprocess.run(
-            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull], capture_output=True, text=True, timeout=60
+            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         match = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
         if match:
@@ -88,7 +91,7 @@ def _cpu_isas() -> list[tuple[str, str, list[str]]]:
 
 
 def _arch_tag(arch_list: str) -> str:
-    """"8.0;9.0+PTX" -> "sm_80__sm_90__compute_90": an identifier, for a -D define."""
+    """ "8.0;9.0+PTX" -> "sm_80__sm_90__compute_90": an identifier, for a -D define."""
     tags = []
     for arch in re.split(r"[;\s]+", arch_list.strip()):
         if not arch:

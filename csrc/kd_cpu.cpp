@@ -12,10 +12,12 @@
 //           running maximum once, then e = exp(x - max) is summed and kept in scratch with
 //           the chunk's shift, for a = s/T, b = t/T (and s at T = 1 when CE is on and T != 1).
 //           forward_kl, soft_ce and reverse_kl carry their cross term: the loss is known here.
-//   pass 2  (jsd, skew KLs, tvd only) the loss terms and S = sum_k q_k g_k; q_k g_k is kept.
-//   grad    dL/ds_j from the kept exponentials: q_j = e_j * exp(shift - lse), no exp per entry.
-// So forward_kl costs two exps per entry and jsd three plus a log1p, against four and ten
-// in the recomputing GPU plan; the price is V floats of scratch per kept row.
+//   pass 2  (jsd, skew KLs, tvd only) the loss terms and S = sum_k q_k h_k (kd_math.h:
+//           pointwise); q_k h_k is kept.
+//   grad    dL/ds_j from the kept exponentials: q_j = e_j * exp(shift - m - log z), no exp
+//           per entry.
+// So forward_kl costs two exps per entry and jsd four plus two log1p, against four and
+// twelve in the recomputing GPU plan; the price is V floats of scratch per kept row.
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -135,12 +137,19 @@ void row_from_float(const float* src, at::ScalarType dtype, void* dst, int64_t n
 }
 
 // A row's running log-sum-exp (design.md §3): max and sum of exp(x - max), and the shift
-// each chunk's kept exponentials were taken against.
+// each chunk's kept exponentials were taken against. Rows reuse it (no allocation per row).
 struct OnlineLse {
   float max = kNegInf;
   float sum = 0.0f;
   std::vector<float> shifts;
+  float m = 0.0f;      // after finish(): the (safe) maximum
+  float log_z = 0.0f;  // after finish(): log of the sum against it
 
+  void reset() {
+    max = kNegInf;
+    sum = 0.0f;
+    shifts.clear();
+  }
   // Folds in a chunk whose maximum is chunk_max; returns (shift for the chunk, rescale of the
   // sums carried so far).
   std::pair<float, float> step(float chunk_max) {
@@ -152,16 +161,22 @@ struct OnlineLse {
     shifts.push_back(shift);
     return {shift, rescale};
   }
-  float lse() const { return safe_shift(max) + std::log(sum); }
-  // exp(shift_c - lse): turns chunk c's kept exponentials into probabilities.
-  float to_prob(int64_t c) const { return std::exp(shifts[c] - lse()); }
+  // log q = (x - m) - log z, as torch's log_softmax: folding m + log z into one lse would
+  // round it to the ulp of the logits' magnitude.
+  void finish() {
+    m = safe_shift(max);
+    log_z = std::log(sum);
+  }
+  // exp((shift_c - m) - log z): turns chunk c's kept exponentials into probabilities.
+  float to_prob(int64_t c) const { return std::exp((shifts[c] - m) - log_z); }
 };
 
-// One thread's scratch rows, V floats each (rounded up to whole vectors).
+// One thread's scratch rows, V floats each, and its running log-sum-exps.
 struct Scratch {
-  std::vector<float> s, t;     // the rows in float32, soft-capped (when the input isn't that)
-  std::vector<float> ea, eb;   // kept exp(a - shift), exp(b - shift); eb then holds q_k g_k
-  std::vector<float> es;       // kept exp(s - shift) for CE at T != 1
+  std::vector<float> s, t;    // the rows in float32, soft-capped (when the input isn't that)
+  std::vector<float> ea, eb;  // kept exp(a - shift), exp(b - shift); eb then holds q_k h_k
+  std::vector<float> es;      // kept exp(s - shift) for CE at T != 1
+  OnlineLse lse_a, lse_b, lse_s;
   explicit Scratch(int64_t V) : ea(V), eb(V) {}
 };
 
@@ -196,7 +211,7 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
   char* g_row = p.compute_grad ? ptr.g + row * ptr.g_stride : nullptr;
   const int64_t label = p.has_labels ? labels[row] : -1;
   if (p.has_labels && label == p.ignore_index) {
-    kd_out[row] = 0.0f;
+    kd_out[row] = 0.0f;  // ce_out is zero-initialised
     if (g_row) std::memset(g_row, 0, V * ptr.s_elem);
     return;
   }
@@ -208,17 +223,22 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
   // Read before the gradient pass, which may overwrite the student row.
   const float s_label = p.has_ce ? s[std::clamp<int64_t>(label, 0, V - 1)] : 0.0f;
 
+  // Pass 1.
   const Vec inv_t(p.inv_t);
-  OnlineLse lse_a, lse_b, lse_s;
+  OnlineLse& lse_a = sc.lse_a;
+  OnlineLse& lse_b = sc.lse_b;
+  OnlineLse& lse_s = sc.lse_s;
+  lse_a.reset();
+  lse_b.reset();
+  lse_s.reset();
   float cross = 0.0f;  // sum e_b (b - a), -sum e_b a or sum e_a (a - b), see design.md §3
-  for (int64_t lo = 0, c = 0; lo < V; lo += kChunk, ++c) {
+  for (int64_t lo = 0; lo < V; lo += kChunk) {
     const int64_t n = std::min(kChunk, V - lo);
     const float s_max = max_of(s + lo, n);
     const auto [shift_a, rescale_a] = lse_a.step(s_max * p.inv_t);
     const auto [shift_b, rescale_b] = lse_b.step(max_of(t + lo, n) * p.inv_t);
-    const auto [shift_s, rescale_s] = ce_own ? lse_s.step(s_max) : std::pair{0.0f, 0.0f};
+    const float shift_s = ce_own ? lse_s.step(s_max).first : 0.0f;
     cross *= DIV == REVERSE_KL ? rescale_a : rescale_b;
-    (void)rescale_s;
     const Vec sh_a(shift_a), sh_b(shift_b), sh_s(shift_s), zero(0.0f);
     Vec sum_a(0.0f), sum_b(0.0f), sum_s(0.0f), acc_cross(0.0f);
     float* ea = sc.ea.data() + lo;
@@ -251,51 +271,62 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
     if (ce_own) lse_s.sum += hsum(sum_s);
     if constexpr (one_pass_loss(DIV)) cross += hsum(acc_cross);
   }
-  const float la = lse_a.lse();
-  const float lb = lse_b.lse();
+  lse_a.finish();
+  lse_b.finish();
+  if (ce_own) lse_s.finish();
+  const float m_a = lse_a.m, m_b = lse_b.m, log_z_a = lse_a.log_z, log_z_b = lse_b.log_z;
 
-  // The loss, and S = sum_k q_k g_k for the gradient.
-  float kd, qg_sum;
+  // The loss, and S = sum_k q_k h_k for the gradient (TVD: the sums of q where q > p, q < p).
+  float kd, qh_sum = 0.0f, q_above = 0.0f, q_below = 0.0f;
   if constexpr (DIV == FORWARD_KL) {
-    kd = cross / lse_b.sum + la - lb;
-    qg_sum = -1.0f;
+    kd = cross / lse_b.sum + (m_a - m_b) + (log_z_a - log_z_b);
+    qh_sum = -1.0f;
   } else if constexpr (DIV == SOFT_CE) {
-    kd = cross / lse_b.sum + la;
-    qg_sum = -1.0f;
+    kd = cross / lse_b.sum + m_a + log_z_a;
+    qh_sum = -1.0f;
   } else if constexpr (DIV == REVERSE_KL) {
-    kd = cross / lse_a.sum + lb - la;
-    qg_sum = kd + 1.0f;
+    qh_sum = cross / lse_a.sum;  // sum_k q_k (a_k - b_k), the h of pointwise
+    kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a);
   } else {
-    Vec acc_kd(0.0f), acc_qg(0.0f);
+    // Pass 2: the loss terms and q_k h_k, kept in eb for the gradient pass.
+    Vec acc_kd(0.0f), acc_qh(0.0f), acc_above(0.0f), acc_below(0.0f);
+    const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b), zero(0.0f);
     for (int64_t lo = 0, c = 0; lo < V; lo += kChunk, ++c) {
       const int64_t n = std::min(kChunk, V - lo);
-      const Vec to_q(lse_a.to_prob(c)), to_p(lse_b.to_prob(c)), lse_av(la), lse_bv(lb);
-      float* ea = sc.ea.data() + lo;
+      const Vec to_q(lse_a.to_prob(c)), to_p(lse_b.to_prob(c));
+      const float* ea = sc.ea.data() + lo;
       float* eb = sc.eb.data() + lo;
       for_each_vec(n, [&](int64_t j, int64_t cnt) {
         // Past cnt: -inf logits and zero probabilities, whose terms are 0.
-        const Vec log_q = load(s + lo + j, cnt, kNegInf) * inv_t - lse_av;
-        const Vec log_p = load(t + lo + j, cnt, kNegInf) * inv_t - lse_bv;
+        const Vec a = load(s + lo + j, cnt, kNegInf) * inv_t;
+        const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
         const Vec q = load(ea + j, cnt, 0.0f) * to_q;
         const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
-        const Terms<Vec> terms = pointwise<DIV>(log_p, log_q, pr, q, p.mix);
+        const Terms<Vec> terms = pointwise<DIV>((b - m_bv) - log_z_bv, (a - m_av) - log_z_av,
+                                                pr, q, a - b, p.mix);
         acc_kd += terms.loss;
-        acc_qg += terms.qg;
-        terms.qg.store(eb + j, cnt);
+        acc_qh += terms.qh;
+        if constexpr (DIV == TVD) {
+          acc_above += at::vec::maximum(terms.qh, zero);
+          acc_below += at::vec::maximum(zero - terms.qh, zero);
+        }
+        terms.qh.store(eb + j, cnt);
       });
     }
     kd = hsum(acc_kd);
-    qg_sum = hsum(acc_qg);
+    qh_sum = hsum(acc_qh);
+    q_above = hsum(acc_above);
+    q_below = hsum(acc_below);
   }
   kd_out[row] = kd;
-  const float ls = ce_own ? lse_s.lse() : la;
-  if (p.has_ce) ce_out[row] = ls - s_label;
+  const OnlineLse& lse_ce = ce_own ? lse_s : lse_a;  // softmax(s) at T = 1
+  if (p.has_ce) ce_out[row] = (lse_ce.m - s_label) + lse_ce.log_z;
   if (!g_row) return;
 
-  // The gradient: scale * (kd_grad_coef * q_j (g_j - S) + ce_weight (softmax(s)_j - [j == y]))
+  // The gradient: scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j - [j == y]))
   // * cap'(s_j), written as it is made, chunk by chunk.
-  const Vec kd_coef(p.kd_grad_coef * scale), ce_coef(p.ce_weight * scale), qg_sum_v(qg_sum);
-  const Vec lse_av(la), lse_bv(lb);
+  const Vec kd_coef(p.kd_grad_coef * scale), ce_coef(p.ce_weight * scale), qh_sum_v(qh_sum);
+  const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b);
   const bool direct = ptr.s_dtype == at::kFloat;  // else via ea, then converted
   const Vec iota = [] {
     alignas(64) float idx[kVec];
@@ -312,17 +343,23 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
     float* out = direct ? reinterpret_cast<float*>(g_row) + lo : ea;
     for_each_vec(n, [&](int64_t j, int64_t cnt) {
       const Vec q = load(ea + j, cnt, 0.0f) * to_q;
-      Vec qg;
+      Vec qh;
       if constexpr (one_pass_loss(DIV)) {
-        // Recomputed: the unused log-probabilities are dead code for forward_kl and soft_ce.
-        const Vec log_q = load(s + lo + j, cnt, kNegInf) * inv_t - lse_av;
-        const Vec log_p = load(t + lo + j, cnt, kNegInf) * inv_t - lse_bv;
+        // Recomputed: the log-probabilities are dead code for forward_kl and soft_ce.
+        const Vec a = load(s + lo + j, cnt, kNegInf) * inv_t;
+        const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
         const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
-        qg = pointwise<DIV>(log_p, log_q, pr, q, p.mix).qg;
+        qh = pointwise<DIV>((b - m_bv) - log_z_bv, (a - m_av) - log_z_av, pr, q, a - b, p.mix)
+                 .qh;
       } else {
-        qg = load(eb + j, cnt, 0.0f);
+        qh = load(eb + j, cnt, 0.0f);
       }
-      Vec g = kd_coef * (qg - q * qg_sum_v);
+      Vec g;
+      if constexpr (DIV == TVD) {
+        g = kd_coef * tvd_grad(qh, q, q_above, q_below);
+      } else {
+        g = kd_coef * (qh - q * qh_sum_v);
+      }
       if (p.has_ce) {
         const Vec sm = ce_own ? load(sc.es.data() + lo + j, cnt, 0.0f) * to_sm : q;
         const Vec onehot = Vec::blendv(Vec(0.0f), Vec(1.0f),
@@ -354,6 +391,9 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(
                                     ignore_index);
   const KdRowsParams& p = call.p;
   if (p.n_rows == 0) return {call.kd_rows, call.ce_rows};
+  // The gradient pass finds the label's entry by comparing float32 indices: exact below 2^24.
+  TORCH_CHECK(!p.has_ce || p.V <= (int64_t{1} << 24),
+              "fastkd::kd_rows (CPU): hard-label CE takes V <= 2^24, got ", p.V);
   RowPointers ptr{};
   ptr.s = static_cast<const char*>(call.student.data_ptr());
   ptr.t = static_cast<const char*>(call.teacher.data_ptr());

@@ -9,8 +9,8 @@
 //
 // Pass 1  log-sum-exps of a = s/T and b = t/T (and of s when CE is on and T != 1); for
 //         forward_kl, soft_ce and reverse_kl also the cross term, so the loss is known here.
-// Pass 2  (jsd, skew KLs, tvd) the loss terms and S = sum_k q_k g_k.
-// Grad    dL/ds_j = scale * (kd_grad_coef * q_j (g_j - S) + ce_weight (softmax(s)_j -
+// Pass 2  (jsd, skew KLs, tvd) the loss terms and S = sum_k q_k h_k (kd_math.h:pointwise).
+// Grad    dL/ds_j = scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j -
 //         [j == y])) * cap'(s_j). Each thread reads an entry before it writes it, and every
 //         earlier read of the row happens before the team synchronises, so the gradient may
 //         be written over the student row.
@@ -206,7 +206,7 @@ struct OnlineLse {
 
 template <int DIV>
 __global__ void __launch_bounds__(kMaxTeam) kd_rows_kernel(const KdRowsLaunch args) {
-  __shared__ float smem[4 * kMaxWarps];
+  __shared__ float smem[4 * kMaxWarps];  // team_reduce of up to 4 values
   const KdRowsParams& p = args.p;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (row >= p.n_rows) return;  // only in warp-per-row blocks, which never sync the block
@@ -308,51 +308,62 @@ __global__ void __launch_bounds__(kMaxTeam) kd_rows_kernel(const KdRowsLaunch ar
   });
   float maxima[3] = {lse_a.max, lse_b.max, lse_s.max};
   team_reduce(maxima, MaxOp{}, smem);
-  const float shift_a = safe_shift(maxima[0]);
-  const float shift_b = safe_shift(maxima[1]);
-  const float shift_s = safe_shift(maxima[2]);
-  float sums[4] = {lse_a.sum * Ops<float>::exp(lse_a.max - shift_a),
-                   lse_b.sum * Ops<float>::exp(lse_b.max - shift_b),
-                   lse_s.sum * Ops<float>::exp(lse_s.max - shift_s),
-                   cross * Ops<float>::exp(DIV == REVERSE_KL ? lse_a.max - shift_a
-                                                             : lse_b.max - shift_b)};
+  const float m_a = safe_shift(maxima[0]);
+  const float m_b = safe_shift(maxima[1]);
+  const float m_s = safe_shift(maxima[2]);
+  float sums[4] = {lse_a.sum * Ops<float>::exp(lse_a.max - m_a),
+                   lse_b.sum * Ops<float>::exp(lse_b.max - m_b),
+                   lse_s.sum * Ops<float>::exp(lse_s.max - m_s),
+                   cross * Ops<float>::exp(DIV == REVERSE_KL ? lse_a.max - m_a : lse_b.max - m_b)};
   team_reduce(sums, SumOp{}, smem);
-  const float la = shift_a + logf(sums[0]);
-  const float lb = shift_b + logf(sums[1]);
-  const float ls = ce_own ? shift_s + logf(sums[2]) : la;
+  // log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
+  // would round it to the ulp of the logits' magnitude.
+  const float log_z_a = logf(sums[0]);
+  const float log_z_b = logf(sums[1]);
+  // softmax(s) at T = 1 for CE: the student's own when T == 1.
+  const float m_ce = ce_own ? m_s : m_a;
+  const float log_z_ce = ce_own ? logf(sums[2]) : log_z_a;
 
-  // The loss, and S = sum_k q_k g_k for the gradient.
-  float kd, qg_sum;
+  // The loss, and S = sum_k q_k h_k for the gradient (TVD: the sums of q where q > p, q < p).
+  float kd, qh_sum = 0.0f, q_above = 0.0f, q_below = 0.0f;
   if constexpr (DIV == FORWARD_KL) {
-    kd = sums[3] / sums[1] + la - lb;
-    qg_sum = -1.0f;
+    kd = sums[3] / sums[1] + (m_a - m_b) + (log_z_a - log_z_b);
+    qh_sum = -1.0f;
   } else if constexpr (DIV == SOFT_CE) {
-    kd = sums[3] / sums[1] + la;
-    qg_sum = -1.0f;
+    kd = sums[3] / sums[1] + m_a + log_z_a;
+    qh_sum = -1.0f;
   } else if constexpr (DIV == REVERSE_KL) {
-    kd = sums[3] / sums[0] + lb - la;
-    qg_sum = kd + 1.0f;
+    qh_sum = sums[3] / sums[0];  // sum_k q_k (a_k - b_k), the h of pointwise
+    kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a);
   } else {
-    float acc[2] = {0.0f, 0.0f};
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // loss, qh, q above p, q below p
     for_row([&](int64_t, const auto& sv, const auto& tv) {
       constexpr int N = sizeof(sv) / sizeof(float);
 #pragma unroll
       for (int k = 0; k < N; ++k) {
-        const float log_q = sv[k] * p.inv_t - la;
-        const float log_p = tv[k] * p.inv_t - lb;
+        const float a = sv[k] * p.inv_t;
+        const float b = tv[k] * p.inv_t;
+        const float log_q = (a - m_a) - log_z_a;
+        const float log_p = (b - m_b) - log_z_b;
         const Terms<float> terms = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p),
-                                                  Ops<float>::exp(log_q), p.mix);
+                                                  Ops<float>::exp(log_q), a - b, p.mix);
         acc[0] += terms.loss;
-        acc[1] += terms.qg;
+        acc[1] += terms.qh;
+        if constexpr (DIV == TVD) {
+          acc[2] += fmaxf(terms.qh, 0.0f);
+          acc[3] += fmaxf(-terms.qh, 0.0f);
+        }
       }
     });
     team_reduce(acc, SumOp{}, smem);
     kd = acc[0];
-    qg_sum = acc[1];
+    qh_sum = acc[1];
+    q_above = acc[2];
+    q_below = acc[3];
   }
   if (tid == 0) {
     args.kd_out[row] = kd;
-    if (p.has_ce) args.ce_out[row] = ls - s_label;
+    if (p.has_ce) args.ce_out[row] = (m_ce - s_label) + log_z_ce;
   }
   if (!g_row) return;
 
@@ -365,13 +376,19 @@ __global__ void __launch_bounds__(kMaxTeam) kd_rows_kernel(const KdRowsLaunch ar
     float g[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float log_q = sv[k] * p.inv_t - la;
-      const float log_p = tv[k] * p.inv_t - lb;
+      const float a = sv[k] * p.inv_t;
+      const float b = tv[k] * p.inv_t;
+      const float log_q = (a - m_a) - log_z_a;
+      const float log_p = (b - m_b) - log_z_b;
       const float q = Ops<float>::exp(log_q);
-      const float qg = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, p.mix).qg;
-      g[k] = kd_coef * (qg - q * qg_sum);
+      const float qh = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, a - b, p.mix).qh;
+      if constexpr (DIV == TVD) {
+        g[k] = kd_coef * tvd_grad(qh, q, q_above, q_below);
+      } else {
+        g[k] = kd_coef * (qh - q * qh_sum);
+      }
       if (p.has_ce) {
-        const float sm = ce_own ? Ops<float>::exp(sv[k] - ls) : q;
+        const float sm = ce_own ? Ops<float>::exp((sv[k] - m_ce) - log_z_ce) : q;
         g[k] += ce_coef * (sm - (i + k == label ? 1.0f : 0.0f));
       }
       if (p.has_softcap) g[k] *= softcap_grad(sv[k], p.inv_cap);

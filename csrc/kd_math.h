@@ -105,47 +105,79 @@ KD_HD F softcap_grad(F capped, float inv_cap) {
   return F(1.0f) - r * r;
 }
 
+// softplus(x) = log(1 + e^x), and the logistic sigmoid; both saturate without NaN at +-inf.
+template <class F>
+KD_HD F softplus(F x) {
+  using O = Ops<F>;
+  return O::max(x, F(0.0f)) + O::log1p(O::exp(F(0.0f) - O::abs(x)));
+}
+template <class F>
+KD_HD F sigmoid(F x) {
+  return F(1.0f) / (F(1.0f) + Ops<F>::exp(F(0.0f) - x));
+}
+
 template <class F>
 struct Terms {
   F loss;  // this entry's term of D(p, q)
-  F qg;    // q_k * g_k, g_k = dD/dq_k; the gradient is q_j (g_j - sum_k q_k g_k)
+  F qh;    // q_k * h_k, h_k = dD/dq_k less a constant (below)
 };
 
 // The design.md §1 table for one vocabulary entry, from the teacher's and the student's
-// log-probabilities and probabilities (p = exp(log_p), q = exp(log_q): the callers have them).
+// log-probabilities and probabilities (p = exp(log_p), q = exp(log_q): the callers have them)
+// and a_minus_b = (s - t) / T. The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py.
+//
+// h_k is g_k = dD/dq_k less a constant where that helps: the gradient q_j (h_j - sum_k q_k h_k)
+// is unchanged by it, and a g that tends to a non-zero constant where the student's mass
+// meets none of the teacher's (p << q) would cancel there in float32. Each row writes g in
+// the form that tends to 0 in that regime. TVD's gradient is assembled by the kernels from
+// the sums of q where q > p and where q < p instead (tvd_grad below).
 template <int DIV, class F>
-KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, const MixWeight& mix) {
+KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, F a_minus_b, const MixWeight& mix) {
   using O = Ops<F>;
   const F zero(0.0f);
   if constexpr (DIV == FORWARD_KL) {
-    return {xlogratio(p, log_p, log_q), zero - p};
+    return {xlogratio(p, log_p, log_q), zero - p};  // g = -p/q
   } else if constexpr (DIV == SOFT_CE) {
-    return {O::select(O::gt(p, zero), zero - p * log_q, zero), zero - p};
+    return {O::select(O::gt(p, zero), zero - p * log_q, zero), zero - p};  // g = -p/q
   } else if constexpr (DIV == REVERSE_KL) {
-    return {xlogratio(q, log_q, log_p),
-            O::select(O::gt(q, zero), q * (log_q - log_p + F(1.0f)), zero)};
+    // g = log q - log p + 1 = (a - b) + a constant
+    return {xlogratio(q, log_q, log_p), O::select(O::gt(q, zero), q * a_minus_b, zero)};
   } else if constexpr (DIV == JSD) {
     // Mixtures in log space, never log(w p + (1 - w) q): both probabilities underflow.
     const F log_m = logaddexp(F(mix.log_w) + log_p, F(mix.log_1mw) + log_q);
-    const F q_term = xlogratio(q, log_q, log_m);
-    return {F(mix.w) * xlogratio(p, log_p, log_m) + F(1.0f - mix.w) * q_term,
-            F(1.0f - mix.w) * q_term};
+    const F loss =
+        F(mix.w) * xlogratio(p, log_p, log_m) + F(1.0f - mix.w) * xlogratio(q, log_q, log_m);
+    // g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(log(w p / ((1-w) q))))
+    const F h = F(mix.w - 1.0f) * softplus(F(mix.log_w - mix.log_1mw) + log_p - log_q);
+    return {loss, O::select(O::gt(q, zero), q * h, zero)};
   } else if constexpr (DIV == SKEW_FORWARD_KL) {
     const F log_m = logaddexp(F(mix.log_w) + log_p, F(mix.log_1mw) + log_q);
+    // g = -(1-w) p/m
     return {xlogratio(p, log_p, log_m),
-            O::select(O::gt(p, zero), zero - F(1.0f - mix.w) * p * O::exp(log_q - log_m), zero)};
+            O::select(O::gt(p, zero), F(mix.w - 1.0f) * p * O::exp(log_q - log_m), zero)};
   } else if constexpr (DIV == SKEW_REVERSE_KL) {
     const F log_m = logaddexp(F(mix.log_w) + log_q, F(mix.log_1mw) + log_p);
-    const F q_over_m = O::exp(log_q - log_m);
+    // g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u), u = log((1-w)p/(w q))
+    const F u = F(mix.log_1mw - mix.log_w) + log_p - log_q;
     return {xlogratio(q, log_q, log_m),
-            O::select(O::gt(q, zero), q * (log_q - log_m + F(1.0f) - F(mix.w) * q_over_m),
-                      zero)};
+            O::select(O::gt(q, zero), q * (sigmoid(u) - softplus(u)), zero)};
   } else {
     static_assert(DIV == TVD, "a divergence code without a row in the table");
-    const F half_q = F(0.5f) * q;
+    // g = sign(q - p) / 2; qh = q where q > p, -q where q < p
     return {F(0.5f) * O::abs(p - q),
-            O::select(O::gt(q, p), half_q, O::select(O::lt(q, p), zero - half_q, zero))};
+            O::select(O::gt(q, p), q, O::select(O::lt(q, p), zero - q, zero))};
   }
+}
+
+// TVD's q_j (g_j - S) from its qh_j and the sums of q over the entries where q > p
+// (q_above) and where q < p (q_below): q_j q_below where q_j > p_j, -q_j q_above where
+// q_j < p_j; no 1/2 - S cancellation.
+template <class F>
+KD_HD F tvd_grad(F qh, F q, float q_above, float q_below) {
+  using O = Ops<F>;
+  const F zero(0.0f);
+  return O::select(O::gt(qh, zero), q * F(q_below),
+                   O::select(O::lt(qh, zero), zero - q * F(q_above), zero));
 }
 
 }  // namespace fastkd

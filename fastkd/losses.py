@@ -122,11 +122,12 @@ def _check_labels(labels, student: Tensor, ignore_index: int) -> None:
     V = student.shape[-1]
     valid = (labels == ignore_index) | ((labels >= 0) & (labels < V))
     message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
-    if labels.device.type == "cpu":
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(valid.all()):
             raise ValueError(message)
     else:
-        # No host sync on accelerators: a device-side assert, as torch's cross_entropy does.
+        # No host sync on accelerators, and no data-dependent branch (a graph break) under
+        # torch.compile: an assert that runs with the op, as torch's cross_entropy does.
         torch._assert_async(valid.all(), message)
 
 
