@@ -244,6 +244,10 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
     float* ea = sc.ea.data() + lo;
     float* eb = sc.eb.data() + lo;
     for_each_vec(n, [&](int64_t j, int64_t cnt) {
+      // The next chunk streams in from memory while this one is in exp: without it the
+      // chunk's max loop waits on memory and the exp loop on the ALUs, one after the other.
+      __builtin_prefetch(s + lo + j + kChunk);
+      __builtin_prefetch(t + lo + j + kChunk);
       const Vec sv = load(s + lo + j, cnt, kNegInf);
       const Vec a = sv * inv_t;
       const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;

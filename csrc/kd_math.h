@@ -82,17 +82,6 @@ KD_HD F xlogratio(F w, F log_w, F log_v) {
   return O::select(O::gt(w, F(0.0f)), w * (log_w - log_v), F(0.0f));
 }
 
-// log(e^x + e^y) as max + log1p(e^-|x - y|): one exp and one log1p. When both are -inf
-// (a masked entry) the shift of 0 keeps the result -inf instead of NaN.
-template <class F>
-KD_HD F logaddexp(F x, F y) {
-  using O = Ops<F>;
-  const F hi = O::max(x, y);
-  const F lo = O::min(x, y);
-  const F shift = O::select(O::eq(hi, F(kNegInf)), F(0.0f), hi);
-  return hi + O::log1p(O::exp(lo - shift));
-}
-
 // Soft-capping c * tanh(x / c) (design.md §1, before the temperature), and its derivative
 // written with the capped value x_c: d(x_c)/dx = 1 - (x_c / c)^2.
 template <class F>
@@ -105,15 +94,25 @@ KD_HD F softcap_grad(F capped, float inv_cap) {
   return F(1.0f) - r * r;
 }
 
-// softplus(x) = log(1 + e^x), and the logistic sigmoid; both saturate without NaN at +-inf.
+// The log-space mixture of two distributions, by u = log of the ratio of their weighted
+// probabilities: softplus(+-u) = log(1 + e^(+-u)) and sigmoid(+-u), from one exp and one
+// log1p. Mixtures are written with them, never as log(w p + (1 - w) q): both probabilities
+// underflow for far-off logits, and log p - log m would cancel where they are close.
 template <class F>
-KD_HD F softplus(F x) {
+struct Mixture {
+  F softplus_pos, softplus_neg;  // softplus(u), softplus(-u)
+  F sigmoid_pos, sigmoid_neg;    // sigmoid(u), sigmoid(-u)
+};
+template <class F>
+KD_HD Mixture<F> mixture(F u) {
   using O = Ops<F>;
-  return O::max(x, F(0.0f)) + O::log1p(O::exp(F(0.0f) - O::abs(x)));
-}
-template <class F>
-KD_HD F sigmoid(F x) {
-  return F(1.0f) / (F(1.0f) + Ops<F>::exp(F(0.0f) - x));
+  const F zero(0.0f);
+  const F e = O::exp(zero - O::abs(u));  // in (0, 1]: no overflow for any u
+  const F l = O::log1p(e);
+  const F r = F(1.0f) / (F(1.0f) + e);
+  const auto positive = O::gt(u, zero);
+  return {O::max(u, zero) + l, O::max(zero - u, zero) + l, O::select(positive, r, e * r),
+          O::select(positive, e * r, r)};
 }
 
 template <class F>
@@ -124,7 +123,10 @@ struct Terms {
 
 // The design.md §1 table for one vocabulary entry, from the teacher's and the student's
 // log-probabilities and probabilities (p = exp(log_p), q = exp(log_q): the callers have them)
-// and a_minus_b = (s - t) / T. The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py.
+// and a_minus_b = (s - t) / T. The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py,
+// with the same h; the mixture divergences are written through `mixture` (one exp and one
+// log1p an entry where logaddexp + softplus take two of each; also free of the cancellation
+// of log p - log m, as their gradients already were).
 //
 // h_k is g_k = dD/dq_k less a constant where that helps: the gradient q_j (h_j - sum_k q_k h_k)
 // is unchanged by it, and a g that tends to a non-zero constant where the student's mass
@@ -143,24 +145,25 @@ KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, F a_minus_b, const MixWeigh
     // g = log q - log p + 1 = (a - b) + a constant
     return {xlogratio(q, log_q, log_p), O::select(O::gt(q, zero), q * a_minus_b, zero)};
   } else if constexpr (DIV == JSD) {
-    // Mixtures in log space, never log(w p + (1 - w) q): both probabilities underflow.
-    const F log_m = logaddexp(F(mix.log_w) + log_p, F(mix.log_1mw) + log_q);
-    const F loss =
-        F(mix.w) * xlogratio(p, log_p, log_m) + F(1.0f - mix.w) * xlogratio(q, log_q, log_m);
-    // g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(log(w p / ((1-w) q))))
-    const F h = F(mix.w - 1.0f) * softplus(F(mix.log_w - mix.log_1mw) + log_p - log_q);
-    return {loss, O::select(O::gt(q, zero), q * h, zero)};
+    // m = w p + (1-w) q, u = log(w p / ((1-w) q)): log(m/p) = log w + softplus(-u),
+    // log(m/q) = log(1-w) + softplus(u).
+    const Mixture<F> mx = mixture(F(mix.log_w - mix.log_1mw) + log_p - log_q);
+    const F p_term = O::select(O::gt(p, zero), p * (F(mix.log_w) + mx.softplus_neg), zero);
+    const F q_term = O::select(O::gt(q, zero), q * (F(mix.log_1mw) + mx.softplus_pos), zero);
+    // g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(u))
+    return {zero - F(mix.w) * p_term - F(1.0f - mix.w) * q_term,
+            O::select(O::gt(q, zero), F(mix.w - 1.0f) * q * mx.softplus_pos, zero)};
   } else if constexpr (DIV == SKEW_FORWARD_KL) {
-    const F log_m = logaddexp(F(mix.log_w) + log_p, F(mix.log_1mw) + log_q);
-    // g = -(1-w) p/m
-    return {xlogratio(p, log_p, log_m),
-            O::select(O::gt(p, zero), F(mix.w - 1.0f) * p * O::exp(log_q - log_m), zero)};
+    // m = w p + (1-w) q as for jsd; g = -(1-w) p/m, and (1-w) q/m = sigmoid(-u).
+    const Mixture<F> mx = mixture(F(mix.log_w - mix.log_1mw) + log_p - log_q);
+    return {O::select(O::gt(p, zero), zero - p * (F(mix.log_w) + mx.softplus_neg), zero),
+            O::select(O::gt(p, zero), zero - p * mx.sigmoid_neg, zero)};
   } else if constexpr (DIV == SKEW_REVERSE_KL) {
-    const F log_m = logaddexp(F(mix.log_w) + log_q, F(mix.log_1mw) + log_p);
-    // g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u), u = log((1-w)p/(w q))
-    const F u = F(mix.log_1mw - mix.log_w) + log_p - log_q;
-    return {xlogratio(q, log_q, log_m),
-            O::select(O::gt(q, zero), q * (sigmoid(u) - softplus(u)), zero)};
+    // m = w q + (1-w) p, u = log((1-w) p / (w q)): log(m/q) = log w + softplus(u);
+    // g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u)
+    const Mixture<F> mx = mixture(F(mix.log_1mw - mix.log_w) + log_p - log_q);
+    return {O::select(O::gt(q, zero), zero - q * (F(mix.log_w) + mx.softplus_pos), zero),
+            O::select(O::gt(q, zero), q * (mx.sigmoid_pos - mx.softplus_pos), zero)};
   } else {
     static_assert(DIV == TVD, "a divergence code without a row in the table");
     // g = sign(q - p) / 2; qh = q where q > p, -q where q < p
