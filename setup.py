@@ -1,13 +1,14 @@
 """Builds fastkd's compiled ops (metadata lives in pyproject.toml).
 
 Extensions, all optional at run time (fastkd falls back to Triton and the reference):
-  fastkd._C             op schemas, build_info(), and the CUDA kernels (csrc/ops.cpp,
-                        csrc/kd_cuda.cu) when nvcc is found and torch is a CUDA build, or
-                        FASTKD_FORCE_CUDA=1; never decided by torch.cuda.is_available(), so a
-                        machine without a GPU builds the CUDA kernels too.
-  fastkd._C_cpu_<isa>   the CPU kernel (csrc/kd_cpu.cpp) once per instruction set: avx512 and
+  fastkd._C             the ops (csrc/ops.cpp: schemas, CPU and CUDA implementations,
+                        build_info()) and the CUDA kernels (csrc/kd_cuda.cu) when nvcc is found
+                        and torch is a CUDA build, or FASTKD_FORCE_CUDA=1; never decided by
+                        torch.cuda.is_available(), so a machine without a GPU builds them too.
+  fastkd._C_cpu_<isa>   the CPU kernels (csrc/kd_cpu.cpp) once per instruction set: avx512 and
                         avx2 on x86-64, the compiler's baseline elsewhere. at::vec fixes its
-                        vector width at compile time; fastkd imports the best one the CPU runs.
+                        vector width at compile time; fastkd hands the best one the CPU runs
+                        to fastkd._C.
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80, sm_90 and PTX for newer
 GPUs), MAX_JOBS (parallel compile jobs), FASTKD_FORCE_CUDA=1 (build the CUDA kernels even if
@@ -122,7 +123,7 @@ def _extensions():
     # torch's vec headers carry clang/nvcc loop pragmas that GCC does not know, and GCC 12
     # flags its own AVX-512 intrinsic headers (_mm512_undefined_*, GCC bug 105593) under
     # at::vec::maximum: neither is about fastkd's code.
-    quiet = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized"]
+    quiet = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
     include = [os.path.abspath(CSRC)]
     exts = []
     if build_cuda:

@@ -3,8 +3,9 @@
 //
 // setup.py compiles this file once per instruction set (AVX512, AVX2 on x86-64; the baseline
 // elsewhere) into its own module fastkd._C_cpu_<isa>, because at::vec picks its vector width
-// at compile time; fastkd/_extension.py imports the best one the machine runs, and its static
-// initialiser registers the CPU implementations of the ops that ops.cpp defines.
+// at compile time. The module holds no torch op: it hands its kernels (kd_params.h:CpuKernels)
+// to fastkd._C, whose CPU implementations of the ops call them; fastkd/_extension.py imports
+// the best module the machine runs and connects it.
 //
 // Pass plan, per row (a thread owns a group of rows and a few V-long float32 scratch rows,
 // which live in its L2 cache, not in an N x V buffer):
@@ -23,7 +24,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <array>
@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "kd_math.h"
-#include "kd_rows.h"
+#include "kd_params.h"
 
 namespace fastkd {
 
@@ -41,8 +41,9 @@ using Vec = at::vec::Vectorized<float>;
 
 template <>
 struct Ops<Vec> {
+  // Sleef exp (1 ulp). at::vec's inline exp_u20 is ~15% faster here, but it maps NaN to a
+  // finite value: a NaN logit must give a NaN loss and gradient (GradScaler looks for it).
   static Vec exp(const Vec& x) { return x.exp(); }
-  static Vec log1p(const Vec& x) { return x.log1p(); }
   static Vec tanh(const Vec& x) { return x.tanh(); }
   static Vec abs(const Vec& x) { return x.abs(); }
   static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
@@ -114,27 +115,29 @@ void to_float(const T* src, float* dst, int64_t n) {
   }
 }
 
-void row_to_float(const void* src, at::ScalarType dtype, float* dst, int64_t n) {
+void row_to_float(const void* src, DType dtype, float* dst, int64_t n) {
   switch (dtype) {
-    case at::kFloat:
+    case kF32:
       return to_float(static_cast<const float*>(src), dst, n);
-    case at::kBFloat16:
-      return to_float(static_cast<const at::BFloat16*>(src), dst, n);
+    case kBF16:
+      return to_float(static_cast<const c10::BFloat16*>(src), dst, n);
     default:
-      return to_float(static_cast<const at::Half*>(src), dst, n);
+      return to_float(static_cast<const c10::Half*>(src), dst, n);
   }
 }
 
-void row_from_float(const float* src, at::ScalarType dtype, void* dst, int64_t n) {
+void row_from_float(const float* src, DType dtype, void* dst, int64_t n) {
   switch (dtype) {
-    case at::kFloat:
+    case kF32:
       return at::vec::convert(src, static_cast<float*>(dst), n);
-    case at::kBFloat16:
-      return at::vec::convert(src, static_cast<at::BFloat16*>(dst), n);
+    case kBF16:
+      return at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n);
     default:
-      return at::vec::convert(src, static_cast<at::Half*>(dst), n);
+      return at::vec::convert(src, static_cast<c10::Half*>(dst), n);
   }
 }
+
+int64_t elem_size(DType dtype) { return dtype == kF32 ? 4 : 2; }
 
 // A row's running log-sum-exp (design.md §3): max and sum of exp(x - max), and the shift
 // each chunk's kept exponentials were taken against. Rows reuse it (no allocation per row).
@@ -185,14 +188,14 @@ struct RowPointers {
   const char* t;
   char* g;
   int64_t s_stride, t_stride, g_stride;  // in bytes
-  at::ScalarType s_dtype, t_dtype;
+  DType s_dtype, t_dtype;
   int64_t s_elem, t_elem;
 };
 
 // The float32, soft-capped view of one input row: the input itself when it already is that.
-const float* float_row(const char* src, at::ScalarType dtype, const KdRowsParams& p,
+const float* float_row(const char* src, DType dtype, const KdRowsParams& p,
                        std::vector<float>& buf) {
-  if (dtype == at::kFloat && !p.has_softcap) return reinterpret_cast<const float*>(src);
+  if (dtype == kF32 && !p.has_softcap) return reinterpret_cast<const float*>(src);
   buf.resize(p.V);
   row_to_float(src, dtype, buf.data(), p.V);
   if (p.has_softcap) {
@@ -251,8 +254,8 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
       const Vec sv = load(s + lo + j, cnt, kNegInf);
       const Vec a = sv * inv_t;
       const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
-      const Vec e_a = (a - sh_a).exp();
-      const Vec e_b = (b - sh_b).exp();
+      const Vec e_a = Ops<Vec>::exp(a - sh_a);
+      const Vec e_b = Ops<Vec>::exp(b - sh_b);
       e_a.store(ea + j, cnt);
       e_b.store(eb + j, cnt);
       sum_a += e_a;
@@ -265,7 +268,7 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
         acc_cross += Vec::blendv(zero, e_a * (a - b), e_a > zero);
       }
       if (ce_own) {
-        const Vec e_s = (sv - sh_s).exp();
+        const Vec e_s = Ops<Vec>::exp(sv - sh_s);
         e_s.store(sc.es.data() + lo + j, cnt);
         sum_s += e_s;
       }
@@ -331,7 +334,7 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
   // * cap'(s_j), written as it is made, chunk by chunk.
   const Vec kd_coef(p.kd_grad_coef * scale), ce_coef(p.ce_weight * scale), qh_sum_v(qh_sum);
   const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b);
-  const bool direct = ptr.s_dtype == at::kFloat;  // else via ea, then converted
+  const bool direct = ptr.s_dtype == kF32;  // else via ea, then converted
   const Vec iota = [] {
     alignas(64) float idx[kVec];
     for (int64_t k = 0; k < kVec; ++k) idx[k] = static_cast<float>(k);
@@ -385,34 +388,21 @@ constexpr std::array<RowFn, sizeof...(DIVS)> row_table(std::integer_sequence<int
   return {&kd_row<DIVS>...};
 }
 
-std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
-    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
-    double ce_weight, int64_t ignore_index) {
-  KdRowsCall call = prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence,
-                                    temperature, param, softcap, kd_grad_coef, ce_weight,
-                                    ignore_index);
-  const KdRowsParams& p = call.p;
-  if (p.n_rows == 0) return {call.kd_rows, call.ce_rows};
-  // The gradient pass finds the label's entry by comparing float32 indices: exact below 2^24.
-  TORCH_CHECK(!p.has_ce || p.V <= (int64_t{1} << 24),
-              "fastkd::kd_rows (CPU): hard-label CE takes V <= 2^24, got ", p.V);
+void kd_rows_cpu(const KdRowsLaunch& args) {
+  const KdRowsParams& p = args.p;
+  if (p.n_rows == 0) return;
   RowPointers ptr{};
-  ptr.s = static_cast<const char*>(call.student.data_ptr());
-  ptr.t = static_cast<const char*>(call.teacher.data_ptr());
-  ptr.g = p.compute_grad ? static_cast<char*>(call.grad.data_ptr()) : nullptr;
-  ptr.s_dtype = call.student.scalar_type();
-  ptr.t_dtype = call.teacher.scalar_type();
-  ptr.s_elem = call.student.element_size();
-  ptr.t_elem = call.teacher.element_size();
-  ptr.s_stride = call.student.stride(0) * ptr.s_elem;
-  ptr.t_stride = call.teacher.stride(0) * ptr.t_elem;
-  ptr.g_stride = p.compute_grad ? call.grad.stride(0) * ptr.s_elem : 0;
-  const int64_t* labels_ptr = p.has_labels ? call.labels.data_ptr<int64_t>() : nullptr;
-  const float scale = call.grad_scale.item<float>();
-  float* kd_out = call.kd_rows.data_ptr<float>();
-  float* ce_out = call.ce_rows.data_ptr<float>();
+  ptr.s = static_cast<const char*>(args.s);
+  ptr.t = static_cast<const char*>(args.t);
+  ptr.g = static_cast<char*>(args.g);
+  ptr.s_dtype = args.s_dtype;
+  ptr.t_dtype = args.t_dtype;
+  ptr.s_elem = elem_size(args.s_dtype);
+  ptr.t_elem = elem_size(args.t_dtype);
+  ptr.s_stride = args.s_stride * ptr.s_elem;
+  ptr.t_stride = args.t_stride * ptr.t_elem;
+  ptr.g_stride = args.g_stride * ptr.s_elem;
+  const float scale = *args.grad_scale;
 
   static constexpr auto table = row_table(std::make_integer_sequence<int, kNumDivergences>{});
   const RowFn fn = table[p.divergence];
@@ -421,30 +411,25 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(
   at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
     Scratch scratch(p.V);
     for (int64_t row = begin; row < end; ++row) {
-      fn(p, ptr, labels_ptr, scale, row, scratch, kd_out, ce_out);
+      fn(p, ptr, args.labels, scale, row, scratch, args.kd_out, args.ce_out);
     }
   });
-  return {call.kd_rows, call.ce_rows};
 }
 
-// grad[row] *= factor[row] (or the one factor), skipping rows whose factor is 1.
-void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor) {
-  const at::Tensor f = prepare_scale_factor(grad, factor).contiguous();
-  const int64_t n_rows = grad.size(0), V = grad.size(1);
+// grad[row] *= factor[row * factor_stride], skipping rows whose factor is 1.
+void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* factor,
+                    int64_t factor_stride, int64_t n_rows, int64_t V) {
   if (n_rows == 0) return;
-  const float* fp = f.data_ptr<float>();
-  const bool per_row = f.dim() == 1;
-  char* base = static_cast<char*>(grad.data_ptr());
-  const int64_t elem = grad.element_size(), stride = grad.stride(0) * elem;
-  const at::ScalarType dtype = grad.scalar_type();
+  char* base = static_cast<char*>(grad);
+  const int64_t elem = elem_size(dtype);
   const int64_t grain = std::max<int64_t>(1, 32768 / V);
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::min(kChunk, V));
     for (int64_t row = begin; row < end; ++row) {
-      const float factor_row = fp[per_row ? row : 0];
+      const float factor_row = factor[row * factor_stride];
       if (factor_row == 1.0f) continue;
       const Vec fv(factor_row);
-      char* g = base + row * stride;
+      char* g = base + row * stride * elem;
       for (int64_t lo = 0; lo < V; lo += kChunk) {
         const int64_t n = std::min(kChunk, V - lo);
         row_to_float(g + lo * elem, dtype, buf.data(), n);
@@ -460,23 +445,29 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor) {
 }  // namespace
 }  // namespace fastkd
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("kd_rows", &fastkd::kd_rows_cpu);
-  m.impl("scale_rows_", &fastkd::scale_rows_cpu);
-}
-
-// A Python module with nothing in it but its name and instruction set: importing it runs the
-// registration above. FASTKD_CPU_MODULE (e.g. _C_cpu_avx2) and FASTKD_CPU_ISA come from setup.py.
+// A Python module holding the table of its kernels, as a PyCapsule named "kernels", and
+// its instruction set, as "isa". FASTKD_CPU_MODULE (e.g. _C_cpu_avx2) and FASTKD_CPU_ISA
+// come from setup.py.
 #define FASTKD_STR2(x) #x
 #define FASTKD_STR(x) FASTKD_STR2(x)
 #define FASTKD_CAT2(a, b) a##b
 #define FASTKD_CAT(a, b) FASTKD_CAT2(a, b)
 
+namespace {
+const fastkd::CpuKernels kKernels = {fastkd::kCpuKernelsAbi, FASTKD_STR(FASTKD_CPU_ISA),
+                                     &fastkd::kd_rows_cpu, &fastkd::scale_rows_cpu};
+}  // namespace
+
 PyMODINIT_FUNC FASTKD_CAT(PyInit_, FASTKD_CPU_MODULE)(void) {
   static PyModuleDef def = {PyModuleDef_HEAD_INIT, FASTKD_STR(FASTKD_CPU_MODULE),
-                            "fastkd CPU kernels for one instruction set", -1, nullptr};
+                            "fastkd's CPU kernels for one instruction set", -1, nullptr};
   PyObject* module = PyModule_Create(&def);
-  if (module != nullptr && PyModule_AddStringConstant(module, "isa", FASTKD_STR(FASTKD_CPU_ISA)) < 0) {
+  if (module == nullptr) return nullptr;
+  PyObject* capsule = PyCapsule_New(const_cast<fastkd::CpuKernels*>(&kKernels),
+                                    fastkd::kCpuKernelsCapsule, nullptr);
+  if (capsule == nullptr || PyModule_AddObject(module, "kernels", capsule) < 0 ||
+      PyModule_AddStringConstant(module, "isa", kKernels.isa) < 0) {
+    Py_XDECREF(capsule);
     Py_DECREF(module);
     return nullptr;
   }

@@ -205,7 +205,9 @@ struct OnlineLse {
 };
 
 template <int DIV>
-__global__ void __launch_bounds__(kMaxTeam) kd_rows_kernel(const KdRowsLaunch args) {
+// __grid_constant__: the parameters are read in place, never copied to local memory.
+__global__ void __launch_bounds__(kMaxTeam)
+    kd_rows_kernel(const __grid_constant__ KdRowsLaunch args) {
   __shared__ float smem[4 * kMaxWarps];  // team_reduce of up to 4 values
   const KdRowsParams& p = args.p;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;

@@ -1,15 +1,20 @@
-// fastkd._C: the schemas of the C++ ops, their CUDA implementations (the torch side of
-// kd_cuda.cu), and build_info().
+// fastkd._C: the ops fastkd::kd_rows and fastkd::scale_rows_ (schemas, CPU and CUDA
+// implementations) and build_info(). This is the torch side of the kernels: it checks the
+// arguments (kd_rows.h), allocates the outputs, picks the stream, and calls the torch-free
+// kernels of kd_cpu.cpp (through the table the fastkd._C_cpu_<isa> module hands over,
+// set_cpu_kernels) and kd_cuda.cu.
 //
 // The ops live in the `fastkd` namespace beside the Python custom ops of fastkd/_ops.py
 // (torch.library.custom_op("fastkd::kd_loss") is a fragment too), so this library is a
-// TORCH_LIBRARY_FRAGMENT: either side may register first. The CPU implementations are
-// registered by the fastkd._C_cpu_<isa> module that fastkd/_extension.py picks at import
-// (kd_cpu.cpp), the fake (meta) implementations in fastkd/_extension.py.
+// TORCH_LIBRARY_FRAGMENT: either side may register first. Their fake (meta) implementations
+// are in fastkd/_extension.py.
 #include <pybind11/pybind11.h>
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include <atomic>
+
+#include "kd_params.h"
 #include "kd_rows.h"
 
 #if defined(FASTKD_WITH_CUDA)
@@ -29,10 +34,6 @@
 #endif
 
 namespace fastkd {
-
-#if defined(FASTKD_WITH_CUDA)
-// The CUDA implementations: argument checks (kd_rows.h), the device guard and the current
-// stream, then the launchers of kd_cuda.cu.
 namespace {
 
 DType dtype_code(at::ScalarType t) {
@@ -44,23 +45,12 @@ DType dtype_code(at::ScalarType t) {
     case at::kHalf:
       return kF16;
     default:
-      TORCH_CHECK(false, "fastkd: the CUDA kernel takes float32, bfloat16 or float16, got ", t);
+      TORCH_CHECK(false, "fastkd: the kernels take float32, bfloat16 or float16, got ", t);
   }
   return kF32;  // not reached
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
-    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
-    double ce_weight, int64_t ignore_index) {
-  TORCH_CHECK(student.is_cuda(), "fastkd::kd_rows (CUDA): student must be a CUDA tensor");
-  const c10::cuda::CUDAGuard guard(student.device());
-  const KdRowsCall call =
-      prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence, temperature,
-                      param, softcap, kd_grad_coef, ce_weight, ignore_index);
+KdRowsLaunch make_launch(const KdRowsCall& call) {
   KdRowsLaunch args{};
   args.s = call.student.data_ptr();
   args.t = call.teacher.data_ptr();
@@ -75,7 +65,67 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(
   args.kd_out = call.kd_rows.data_ptr<float>();
   args.ce_out = call.ce_rows.data_ptr<float>();
   args.p = call.p;
-  C10_CUDA_CHECK(launch_kd_rows(args, c10::cuda::getCurrentCUDAStream()));
+  return args;
+}
+
+// --- CPU ---------------------------------------------------------------------------------
+
+std::atomic<const CpuKernels*> cpu_kernels{nullptr};
+
+const CpuKernels& loaded_cpu_kernels() {
+  const CpuKernels* kernels = cpu_kernels.load();
+  TORCH_CHECK(kernels != nullptr,
+              "fastkd: no CPU kernel module is loaded (fastkd._C_cpu_<isa>); import fastkd, "
+              "or rebuild with `pip install --no-build-isolation -e .`");
+  return *kernels;
+}
+
+void set_cpu_kernels(pybind11::capsule capsule) {
+  auto* kernels = static_cast<const CpuKernels*>(
+      PyCapsule_GetPointer(capsule.ptr(), kCpuKernelsCapsule));
+  if (kernels == nullptr) throw pybind11::error_already_set();
+  TORCH_CHECK(kernels->abi == kCpuKernelsAbi, "fastkd: the CPU kernel module (", kernels->isa,
+              ") was built from other sources than fastkd._C; rebuild both");
+  cpu_kernels.store(kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
+    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
+    double ce_weight, int64_t ignore_index) {
+  const CpuKernels& kernels = loaded_cpu_kernels();
+  const KdRowsCall call =
+      prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence, temperature,
+                      param, softcap, kd_grad_coef, ce_weight, ignore_index);
+  // The gradient pass finds the label's entry by comparing float32 indices: exact to 2^24.
+  TORCH_CHECK(!call.p.has_ce || call.p.V <= (int64_t{1} << 24),
+              "fastkd::kd_rows (CPU): hard-label CE takes V <= 2^24, got ", call.p.V);
+  kernels.kd_rows(make_launch(call));
+  return {call.kd_rows, call.ce_rows};
+}
+
+void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor) {
+  const CpuKernels& kernels = loaded_cpu_kernels();
+  const at::Tensor f = prepare_scale_factor(grad, factor).contiguous();
+  kernels.scale_rows(grad.data_ptr(), dtype_code(grad.scalar_type()), grad.stride(0),
+                     f.data_ptr<float>(), f.dim() == 0 ? 0 : 1, grad.size(0), grad.size(1));
+}
+
+// --- CUDA --------------------------------------------------------------------------------
+
+#if defined(FASTKD_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
+    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
+    double ce_weight, int64_t ignore_index) {
+  TORCH_CHECK(student.is_cuda(), "fastkd::kd_rows (CUDA): student must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(student.device());
+  const KdRowsCall call =
+      prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence, temperature,
+                      param, softcap, kd_grad_coef, ce_weight, ignore_index);
+  C10_CUDA_CHECK(launch_kd_rows(make_launch(call), c10::cuda::getCurrentCUDAStream()));
   return {call.kd_rows, call.ce_rows};
 }
 
@@ -110,9 +160,12 @@ pybind11::dict build_info() {
 #else
   info["compiler"] = "unknown";
 #endif
+  const CpuKernels* kernels = cpu_kernels.load();
+  info["cpu_kernel"] = kernels ? pybind11::cast(kernels->isa) : pybind11::none();
   return info;
 }
 
+}  // namespace
 }  // namespace fastkd
 
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
@@ -127,6 +180,11 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
 }
 
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("kd_rows", &fastkd::kd_rows_cpu);
+  m.impl("scale_rows_", &fastkd::scale_rows_cpu);
+}
+
 #if defined(FASTKD_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("kd_rows", &fastkd::kd_rows_cuda);
@@ -137,4 +195,6 @@ TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastkd compiled ops: fastkd::kd_rows and fastkd::scale_rows_";
   m.def("build_info", &fastkd::build_info, "What this build of fastkd._C holds.");
+  m.def("set_cpu_kernels", &fastkd::set_cpu_kernels,
+        "Installs the CPU kernels of a fastkd._C_cpu_<isa> module (its `kernels` capsule).");
 }

@@ -1,11 +1,11 @@
 """The compiled ops (fastkd._C and one fastkd._C_cpu_<isa>): loading, build info, row kernel.
 
-``fastkd._C`` defines ``fastkd::kd_rows`` and ``fastkd::scale_rows_`` (csrc/ops.cpp) with their
-CUDA implementations when it was built with them; the CPU implementations come from the
-``fastkd._C_cpu_<isa>`` module for the best instruction set this CPU runs (csrc/kd_cpu.cpp,
-built once per instruction set). When ``_C`` is missing or fails to load, fastkd warns once
-and runs on Triton and the reference; the ``"cpu"`` and ``"cuda"`` backends are then
-unavailable, with the reason.
+``fastkd._C`` defines ``fastkd::kd_rows`` and ``fastkd::scale_rows_`` (csrc/ops.cpp) with
+their CPU implementations, and CUDA ones when it was built with them. The CPU implementations
+call the kernels of the ``fastkd._C_cpu_<isa>`` module for the best instruction set this CPU
+runs (csrc/kd_cpu.cpp, built once per instruction set), which :func:`_load` hands to
+``_C``. When ``_C`` is missing or fails to load, fastkd warns once and runs on Triton and the
+reference; the ``"cpu"`` and ``"cuda"`` backends are then unavailable, with the reason.
 
 :func:`kd_rows` and :func:`scale_rows_` have the signatures of the Triton row kernel
 (fastkd/triton/kd_kernels.py), so fastkd/_ops.py runs either behind the same custom ops.
@@ -59,10 +59,13 @@ def _load() -> None:
     tried = []
     for isa in _CPU_ISA_ORDER.get(capability, ("default",)):
         try:
-            _cpu_module = importlib.import_module(f"fastkd._C_cpu_{isa}")
-            return
-        except ImportError as error:
+            module = importlib.import_module(f"fastkd._C_cpu_{isa}")
+            _C.set_cpu_kernels(module.kernels)  # the CPU implementations of the ops call them
+        except (ImportError, RuntimeError) as error:
             tried.append(f"_C_cpu_{isa}: {error}")
+            continue
+        _cpu_module = module
+        return
     cpu_error = (
         f"no CPU kernel module for this CPU (torch reports {capability}) was built: "
         + "; ".join(tried)
