@@ -17,8 +17,8 @@
 //           pointwise); q_k h_k is kept.
 //   grad    dL/ds_j from the kept exponentials: q_j = e_j * exp(shift - m - log z), no exp
 //           per entry.
-// So forward_kl costs two exps per entry and jsd four plus two log1p, against four and
-// twelve in the recomputing GPU plan; the price is V floats of scratch per kept row.
+// So forward_kl costs two exps per entry and jsd three (and a log1p series), against four
+// and eight in the recomputing GPU plan; the price is a few V-long float rows per thread.
 #include <Python.h>
 
 #include <ATen/Parallel.h>

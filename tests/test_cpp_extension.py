@@ -124,11 +124,14 @@ def test_missing_extension_warns_once_and_falls_back(tmp_path):
     """A copy of the package without its compiled modules still imports and runs."""
     shutil.copytree(ROOT / "fastkd", tmp_path / "fastkd", ignore=shutil.ignore_patterns("*.so"))
     code = """
-        import warnings
+        import os, sys, warnings
+        # An editable install (pip install -e) maps fastkd to the checkout ahead of sys.path.
+        sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in repr(f)]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import fastkd
             import torch
+            assert fastkd.__file__.startswith(os.getcwd()), fastkd.__file__  # the copy
             s, t = torch.randn(2, 9), torch.randn(2, 9)
             fastkd.kd_loss(s, t)  # auto: the reference on CPU tensors
         messages = [str(w.message) for w in caught if "fastkd._C" in str(w.message)]
