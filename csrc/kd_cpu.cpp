@@ -47,10 +47,8 @@ struct Ops<Vec> {
   static Vec tanh(const Vec& x) { return x.tanh(); }
   static Vec abs(const Vec& x) { return x.abs(); }
   static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
-  static Vec min(const Vec& a, const Vec& b) { return at::vec::minimum(a, b); }
   static Vec gt(const Vec& a, const Vec& b) { return a > b; }
   static Vec lt(const Vec& a, const Vec& b) { return a < b; }
-  static Vec eq(const Vec& a, const Vec& b) { return a == b; }
   static Vec select(const Vec& m, const Vec& a, const Vec& b) { return Vec::blendv(b, a, m); }
 };
 
@@ -94,11 +92,13 @@ inline float hsum(const Vec& v) {
 
 inline float max_of(const float* x, int64_t n) {
   Vec acc(kNegInf);
-  for_each_vec(n, [&](int64_t j, int64_t c) { acc = at::vec::maximum(acc, load(x + j, c, kNegInf)); });
+  for_each_vec(n, [&](int64_t j, int64_t c) {
+    acc = at::vec::maximum(acc, load(x + j, c, kNegInf));
+  });
   return hmax(acc);
 }
 
-// dst[0:n] = float(src[0:n]), soft-capped when cap > 0.
+// dst[0:n] = float(src[0:n]).
 template <class T>
 void to_float(const T* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {

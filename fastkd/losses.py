@@ -280,8 +280,10 @@ class KDLoss(nn.Module):
             meaning) or ``"none"`` (one loss per row, shaped like the leading dims).
         inplace_backward: write the gradient over the student logits instead of a new
             N x V buffer (the student logits' values are gone after the forward).
-        backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch reference otherwise),
-            ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (the C++ kernel for CPU tensors, Triton for CUDA tensors, the
+            PyTorch reference for float64 or when neither is available; the environment
+            variable ``FASTKD_BACKEND`` replaces it), ``"triton"``, ``"cuda"`` (the CUDA
+            kernel of fastkd._C), ``"cpu"`` (its C++ CPU kernel) or ``"torch"``.
 
     Forward: ``(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None,
     return_components=False)``. Logits are (..., V), float32/bfloat16/float16; labels are
