@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerFast
 
 try:
     from trl.experimental.gkd import GKDConfig, GKDTrainer
-except ImportError:  # TRL < 0.26 had GKD at the top level
+except ImportError:  # older TRL releases had GKD at the top level
     from trl import GKDConfig, GKDTrainer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
