@@ -39,6 +39,7 @@ from transformers import Trainer, TrainingArguments
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from loss_head_memory import print_memory_report  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 import fastkd  # noqa: E402
@@ -156,6 +157,7 @@ class DistillationTrainer(Trainer):
             # num_items_in_batch counts every process's tokens and DDP averages the gradients
             # over processes: undo that average, as the Trainer's own compute_loss does.
             loss = loss * self.accelerator.num_processes
+        # .item() syncs with the device once per micro-batch: fine here, drop it in production.
         self.micro_batch_losses.append(loss.detach().item())
         return (loss, outputs) if return_outputs else loss
 
@@ -373,6 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kd-weight", type=float, default=0.5)
     parser.add_argument("--ce-weight", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--report-vocab",
+        type=int,
+        default=128256,
+        help="--fused-linear: the larger vocabulary of the memory printout (Llama 3's)",
+    )
     args = parser.parse_args(argv)
 
     cfg = RunConfig(**(TINY if args.tiny else {}))
@@ -409,14 +417,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"student next-token accuracy after: {completion_accuracy(trainer.model, dataset):.3f}")
     print(f"{len(per_step)} steps in {time.perf_counter() - start:.1f} s")
     if cfg.fused_linear:
-        from loss_head_memory import print_memory_report
-
         tokens = cfg.batch_size * (2 * cfg.max_prompt + 3)
         print_memory_report(
             n_rows=tokens,
             student_hidden=cfg.student_hidden,
             teacher_hidden=cfg.teacher_hidden,
-            vocab_sizes=(cfg.vocab_size, 128256),
+            vocab_sizes=(cfg.vocab_size, args.report_vocab),
             temperature=cfg.temperature,
         )
     if not all(math.isfinite(x) for x in losses):

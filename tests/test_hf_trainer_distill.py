@@ -253,3 +253,27 @@ def test_plain_formula_is_the_kl_div_one_liner():
     ) * T**2 + 0.7 * F.cross_entropy(s, y)
     got = ex.plain_kd_loss(s, t, y, temperature=T, kd_weight=0.3, ce_weight=0.7)
     torch.testing.assert_close(got, one_liner, rtol=1e-6, atol=0)
+
+
+# --- The command line, as the README runs it (fewer steps) --------------------------------
+
+
+def test_cli_tiny(capsys):
+    ex.main(["--tiny", "--steps", "2", "--teacher-steps", "2"])
+    out = capsys.readouterr().out
+    assert "loss=fastkd (logits + KDLoss)" in out
+    assert "2 steps in" in out
+
+
+def test_cli_tiny_fused_linear(capsys):
+    argv = ["--tiny", "--fused-linear", "--steps", "2", "--teacher-steps", "2"]
+    if not hasattr(fastkd, "FusedLinearKDLoss"):
+        with pytest.raises(SystemExit, match="needs fastkd.FusedLinearKDLoss"):
+            ex.main(argv)
+        return
+    ex.main([*argv, "--report-vocab", "4096"])
+    out = capsys.readouterr().out
+    assert "loss=fastkd (hidden states + FusedLinearKDLoss)" in out
+    assert "V=4096" in out
+    fused_lines = [line for line in out.splitlines() if "fastkd.FusedLinearKDLoss " in line]
+    assert len(fused_lines) == 2 and all("MiB" in line for line in fused_lines), out

@@ -180,3 +180,11 @@ def test_on_policy_step_matches_trl():
     trl = ex.run(ex.RunConfig(**{**SMALL, **overrides}, loss="trl"))
     assert max_relative_difference(fast.micro_batch_losses[:1], trl.micro_batch_losses[:1]) <= 1e-6
     assert all(math.isfinite(x) and x > 0 for x in fast.micro_batch_losses)
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_cli_tiny(capsys):
+    ex.main(["--tiny", "--steps", "2", "--teacher-steps", "2", "--lmbda", "0.5"])
+    out = capsys.readouterr().out
+    assert "loss=fastkd  beta=0.5  lmbda=0.5" in out
+    assert "2 steps in" in out
