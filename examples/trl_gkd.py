@@ -72,6 +72,8 @@ def fastkd_generalized_jsd_loss(
     element of the N x V loss. ``reduction="none"`` (TRL's element-wise N x V loss) is
     handed to TRL's own function: that tensor is the thing fastkd exists not to build.
     """
+    if reduction not in ("batchmean", "sum", "mean", "none"):
+        raise ValueError(f"reduction must be batchmean, sum, mean or none, got {reduction!r}")
     if reduction == "none":
         return TRL_GENERALIZED_JSD_LOSS(
             student_logits, teacher_logits, labels, beta, temperature, reduction, num_items_in_batch
@@ -108,11 +110,9 @@ def fastkd_generalized_jsd_loss(
     total = fastkd.kd_loss(student_logits, teacher_logits, labels, reduction="sum", **options)
     if reduction == "sum":
         return total
-    if reduction == "mean":
-        V = student_logits.shape[-1]
-        rows = student_logits.numel() // V if labels is None else (labels != -100).sum()
-        return total / (rows * V)
-    raise ValueError(f"reduction must be batchmean, sum, mean or none, got {reduction!r}")
+    V = student_logits.shape[-1]  # "mean": over the N x V elements TRL's loss has
+    rows = student_logits.numel() // V if labels is None else (labels != -100).sum()
+    return total / (rows * V)
 
 
 class FastKDGKDTrainer(GKDTrainer):
