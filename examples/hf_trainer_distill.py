@@ -3,6 +3,7 @@
     python examples/hf_trainer_distill.py --tiny                 # logits + fastkd.KDLoss
     python examples/hf_trainer_distill.py --tiny --fused-linear  # hidden states + FusedLinearKDLoss
     python examples/hf_trainer_distill.py --tiny --loss torch    # the plain formula fastkd replaces
+    python examples/hf_trainer_distill.py --tiny --divergence reverse_kl  # any fastkd divergence
 
 The integration is :class:`DistillationTrainer` (a ``compute_loss`` override, 30 lines):
 
@@ -162,15 +163,19 @@ class DistillationTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
 
-def make_loss_fn(kind: str, *, fused_linear: bool, temperature, kd_weight, ce_weight, backend):
+def make_loss_fn(
+    kind: str, *, fused_linear: bool, divergence, temperature, kd_weight, ce_weight, backend
+):
     """fastkd's loss module, or the plain formula it replaces, with one set of options."""
     options = dict(temperature=temperature, kd_weight=kd_weight, ce_weight=ce_weight)
     if kind == "torch":
+        if divergence != "forward_kl":
+            raise ValueError(f"the plain formula is forward_kl's, got divergence={divergence!r}")
         plain = plain_fused_linear_kd_loss if fused_linear else plain_kd_loss
         return lambda *args, num_items_in_batch=None: plain(
             *args, num_items_in_batch=num_items_in_batch, **options
         )
-    options.update(divergence="forward_kl", ignore_index=IGNORE_INDEX, backend=backend)
+    options.update(divergence=divergence, ignore_index=IGNORE_INDEX, backend=backend)
     if fused_linear:
         if not hasattr(fastkd, "FusedLinearKDLoss"):
             raise SystemExit("--fused-linear needs fastkd.FusedLinearKDLoss (not in this checkout)")
@@ -253,6 +258,7 @@ class RunConfig:
     teacher_steps: int = 200
     lr: float = 1e-3
     optim: str = "adamw_torch"
+    divergence: str = "forward_kl"  # any of fastkd.DIVERGENCES with loss="fastkd"
     temperature: float = 2.0
     kd_weight: float = 0.5
     ce_weight: float = 0.5
@@ -329,6 +335,7 @@ def build_trainer(cfg: RunConfig) -> DistillationTrainer:
     loss_fn = make_loss_fn(
         cfg.loss,
         fused_linear=cfg.fused_linear,
+        divergence=cfg.divergence,
         temperature=cfg.temperature,
         kd_weight=cfg.kd_weight,
         ce_weight=cfg.ce_weight,
@@ -371,6 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
     parser.add_argument("--steps", type=int)
     parser.add_argument("--teacher-steps", type=int)
+    parser.add_argument("--divergence", choices=sorted(fastkd.DIVERGENCES), default="forward_kl")
     parser.add_argument("--temperature", type=float, default=2.0)
     parser.add_argument("--kd-weight", type=float, default=0.5)
     parser.add_argument("--ce-weight", type=float, default=0.5)
@@ -391,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         args.seed,
     )
     cfg.temperature, cfg.kd_weight, cfg.ce_weight = args.temperature, args.kd_weight, args.ce_weight
+    cfg.divergence = args.divergence
     if args.steps is not None:
         cfg.steps = args.steps
     if args.teacher_steps is not None:
@@ -412,7 +421,8 @@ def main(argv: list[str] | None = None) -> None:
     losses = trainer.micro_batch_losses
     per_step = [sum(losses[i : i + cfg.grad_accum]) for i in range(0, len(losses), cfg.grad_accum)]
     path = "hidden states + FusedLinearKDLoss" if cfg.fused_linear else "logits + KDLoss"
-    print(f"loss={cfg.loss} ({path if cfg.loss == 'fastkd' else 'plain PyTorch formula'})")
+    what = f"{path}, {cfg.divergence}" if cfg.loss == "fastkd" else "plain PyTorch formula"
+    print(f"loss={cfg.loss} ({what})")
     print(f"loss per optimizer step: first {per_step[0]:.4f}  last {per_step[-1]:.4f}")
     print(f"student next-token accuracy after: {completion_accuracy(trainer.model, dataset):.3f}")
     print(f"{len(per_step)} steps in {time.perf_counter() - start:.1f} s")

@@ -261,8 +261,10 @@ def test_plain_formula_is_the_kl_div_one_liner():
 def test_cli_tiny(capsys):
     ex.main(["--tiny", "--steps", "2", "--teacher-steps", "2"])
     out = capsys.readouterr().out
-    assert "loss=fastkd (logits + KDLoss)" in out
+    assert "loss=fastkd (logits + KDLoss, forward_kl)" in out
     assert "2 steps in" in out
+    ex.main(["--tiny", "--steps", "2", "--teacher-steps", "0", "--divergence", "tvd"])
+    assert "loss=fastkd (logits + KDLoss, tvd)" in capsys.readouterr().out
 
 
 def test_cli_tiny_fused_linear(capsys):
@@ -273,7 +275,7 @@ def test_cli_tiny_fused_linear(capsys):
         return
     ex.main([*argv, "--report-vocab", "4096"])
     out = capsys.readouterr().out
-    assert "loss=fastkd (hidden states + FusedLinearKDLoss)" in out
+    assert "loss=fastkd (hidden states + FusedLinearKDLoss, forward_kl)" in out
     assert "V=4096" in out
     fused_lines = [line for line in out.splitlines() if "fastkd.FusedLinearKDLoss " in line]
     assert len(fused_lines) == 2 and all("MiB" in line for line in fused_lines), out

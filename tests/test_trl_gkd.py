@@ -98,6 +98,12 @@ def test_reductions_as_trl(target, case):
     _check(target, s, t, labels, beta=0.3, temperature=1.5, **kwargs)
 
 
+def test_unknown_reduction_is_a_value_error():
+    s = torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="reduction"):
+        ex.fastkd_generalized_jsd_loss(s, s.clone(), reduction="avg")
+
+
 # --- The trainer: FastKDGKDTrainer == GKDTrainer, step by step ----------------------------
 
 SMALL = dict(
