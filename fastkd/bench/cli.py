@@ -241,9 +241,10 @@ def _progress_bar(total: int):
 
 
 def _emit(args, meta: dict, results: list[harness.Result]) -> None:
-    print(report.title(meta, results))
-    print(report.text_table(results))
-    print()
+    for kind in report.by_kind(results):
+        print(report.title(meta, kind))
+        print(report.text_table(kind))
+        print()
     print(report.LEGEND)
     if args.json:
         report.write_json(args.json, meta, results)

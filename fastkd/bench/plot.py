@@ -45,6 +45,8 @@ def _axis(ax_time, ax_mem, rows: list[Result], along: str, fixed: str, name: str
     label = {"tokens": "N", "vocab": "V"}[fixed]
     ax_time.set_title(f"time vs {name} ({label}={held})")
     ax_mem.set_title(f"peak memory vs {name} ({label}={held})")
+    peak = max((r.peak_mem_bytes or 0) for r in chosen)
+    unit, scale = ("GB", 1e9) if peak >= 1e9 else ("MB", 1e6)
     for impl in dict.fromkeys(r.implementation for r in chosen):
         points = sorted(
             (getattr(r, along), r.median_ms, r.peak_mem_bytes)
@@ -55,15 +57,23 @@ def _axis(ax_time, ax_mem, rows: list[Result], along: str, fixed: str, name: str
             continue
         xs = [p[0] for p in points]
         ax_time.plot(xs, [p[1] for p in points], marker="o", label=impl)
-        mem = [(x, p[2] / 1e9) for x, p in zip(xs, points, strict=True) if p[2] is not None]
+        mem = [(x, p[2] / scale) for x, p in zip(xs, points, strict=True) if p[2] is not None]
         if mem:
             ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], marker="o", label=impl)
+    ticks = sorted({getattr(r, along) for r in chosen})
     for ax in (ax_time, ax_mem):
-        ax.set_xscale("log", base=2)
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [_short(t) for t in ticks])
+        ax.minorticks_off()
         ax.grid(True, alpha=0.3)
     ax_time.set_ylabel("median ms (log)")
     ax_time.set_yscale("log")
-    ax_mem.set_ylabel("GB beyond the inputs")
+    ax_mem.set_ylabel(f"{unit} beyond the inputs")
+
+
+def _short(n: int) -> str:
+    """32000 -> 32k, 128256 -> 128k, 1024 -> 1k, 64 -> 64."""
+    return f"{n / 1000:.0f}k" if n >= 1000 else str(n)
 
 
 def plot(results: list[Result], path: str, title: str = "") -> list[str]:

@@ -72,17 +72,27 @@ _CASE_HEADERS = {
 }
 
 
+def _is_static_skip(r: Result) -> bool:
+    """Skipped for a reason that holds in every case (not the time limit)."""
+    return r.status == "skipped" and r.reason != "time limit reached"
+
+
 def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
     """Header and cells: implementation, mode, median, spread, achieved rate, % of the
-    floor, peak memory beyond the inputs, speed-up over eager, and notes."""
+    floor, peak memory beyond the inputs, speed-up over eager, and notes.
+
+    Implementations skipped for a standing reason (not available here) come last, once
+    each, whatever the number of cases and modes.
+    """
     varying = _varying(results)
-    fused = any(r.fused_linear for r in results)
-    rate = "TFLOP/s" if fused and all(r.fused_linear for r in results) else "GB/s"
+    rate = "TFLOP/s" if results and all(r.fused_linear for r in results) else "GB/s"
     header = [_CASE_HEADERS[v] for v in varying]
     header += ["implementation", "mode", "median", "spread", rate, "% floor", "peak mem"]
     header += ["vs eager", "notes"]
     rows = []
     for r in results:
+        if _is_static_skip(r):
+            continue
         cells = [str(getattr(r, v)) for v in varying]
         cells += [r.implementation, r.mode]
         if r.status != "ok":
@@ -99,6 +109,12 @@ def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                 _note(r),
             ]
         rows.append(cells)
+    seen = set()
+    for r in results:
+        if _is_static_skip(r) and (r.implementation, r.reason) not in seen:
+            seen.add((r.implementation, r.reason))
+            cells = [""] * len(varying) + [r.implementation, "", "skipped"]
+            rows.append(cells + [""] * 5 + [_note(r)])
     return header, rows
 
 
@@ -108,6 +124,12 @@ def _note(r: Result) -> str:
     if r.status in ("wrong", "OOM", "error"):
         return (r.reason or "")[:120]
     return r.note
+
+
+def by_kind(results: list[Result]) -> list[list[Result]]:
+    """The results split into logits and fused-linear runs (their rate columns differ)."""
+    kinds = [[r for r in results if not r.fused_linear], [r for r in results if r.fused_linear]]
+    return [k for k in kinds if k]
 
 
 def text_table(results: list[Result]) -> str:
@@ -185,13 +207,21 @@ def write_json(path: str, meta: dict, results: list[Result]) -> None:
 
 
 def read_json(paths: list[str]) -> tuple[dict, list[Result]]:
-    """Results of one or more JSON files (as written by --json); meta of the first."""
+    """Results of one or more JSON files (as written by --json), merged: the meta of the
+    first, with the matmul rates and commands of all."""
     names = {f.name for f in fields(Result)}
     meta, results = {}, []
     for path in paths:
         with open(path) as f:
             data = json.load(f)
-        meta = meta or data.get("meta", {})
+        this = data.get("meta", {})
+        if not meta:
+            meta = dict(this)
+            meta["matmul_TFLOPs"] = dict(meta.get("matmul_TFLOPs") or {})
+            meta["commands"] = []
+        meta["matmul_TFLOPs"].update(this.get("matmul_TFLOPs") or {})
+        if this.get("command"):
+            meta["commands"].append(this["command"])
         for row in data["results"]:
             results.append(Result(**{k: v for k, v in row.items() if k in names}))
     return meta, results
@@ -200,9 +230,12 @@ def read_json(paths: list[str]) -> tuple[dict, list[Result]]:
 def markdown_report(meta: dict, results: list[Result]) -> str:
     """A markdown page: the environment, the table, how to read it."""
     lines = ["# fastkd benchmark", ""]
-    for key in ("device_name", "torch", "triton", "fastkd", "liger_kernel", "date", "command"):
+    for key in ("device_name", "torch", "triton", "fastkd", "liger_kernel", "date"):
         if meta.get(key) is not None:
             lines.append(f"- {key}: `{meta[key]}`")
+    for command in meta.get("commands") or [meta.get("command")]:
+        if command:
+            lines.append(f"- command: `{command}`")
     lines += ["", title(meta, results), ""]
     groups: dict[tuple, list[Result]] = {}
     for r in results:
