@@ -20,7 +20,7 @@ import torch
 
 from fastkd.bench import cli, harness, measure, report
 from fastkd.bench.cases import Case
-from fastkd.bench.formulas import kd_formula
+from fastkd.bench.formulas import fused_linear_formula, kd_formula
 from fastkd.bench.implementations import FWD, FWD_BWD, Candidate, candidates
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,6 +115,37 @@ def test_harness_catches_wrong_results_and_keeps_going():
     assert results["oom", FWD_BWD].status == "OOM"
     assert results["broken", FWD].status == "error"
     assert "kernel exploded" in results["broken", FWD].reason
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient scaled on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def test_harness_checks_the_weight_gradient_of_fused_linear():
+    fused = dict(fused_linear=True, hidden=16, teacher_hidden=24)
+    case = _case(tokens=300, vocab=64, **fused)
+
+    def right(hs, ws, ht, wt):
+        return fused_linear_formula(hs, ws, ht, wt, **OPTIONS)
+
+    def wrong_weight_grad(hs, ws, ht, wt):
+        return fused_linear_formula(hs, _ScaleGrad.apply(ws, 1.01), ht, wt, **OPTIONS)
+
+    cands = [_candidate("right", right), _candidate("wrong-weight", wrong_weight_grad)]
+    results = {(r.implementation, r.mode): r for r in _run(case, cands, modes=(FWD_BWD,))}
+    assert results["right", FWD_BWD].status == "ok"
+    assert results["right", FWD_BWD].grad_rel_err < 1e-5
+    assert results["wrong-weight", FWD_BWD].status == "wrong"
+    assert 5e-3 < results["wrong-weight", FWD_BWD].grad_rel_err < 2e-2
 
 
 def test_time_limit_skips_the_rest():

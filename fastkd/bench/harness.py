@@ -186,13 +186,21 @@ def _reference_dtype(case: Case, inputs: Inputs) -> torch.dtype:
 
 
 def _rel_err(actual: torch.Tensor, kind: str, expected: torch.Tensor) -> float:
-    """||actual - expected|| / ||expected||, in chunks of rows (inf on NaN/inf)."""
+    """||actual - expected|| / ||expected||, in chunks of rows (inf on NaN/inf).
+
+    "rows": row i of ``actual`` is compared with row i % P of ``expected`` (moved to the
+    device once); "full": chunk by chunk, each moved as it is needed.
+    """
+    if kind == "rows":
+        expected = expected.to(actual.device)
+        step = expected.shape[0]
+    else:
+        step = max(1, (1 << 24) // max(1, actual[0].numel()))
     num = den = 0.0
-    step = expected.shape[0] if kind == "rows" else max(1, (1 << 24) // max(1, actual[0].numel()))
     for start in range(0, actual.shape[0], step):
         a = actual[start : start + step].float()
-        e = expected[: a.shape[0]] if kind == "rows" else expected[start : start + step]
-        e = e.to(a.device)
+        rows = slice(0, a.shape[0]) if kind == "rows" else slice(start, start + step)
+        e = expected[rows].to(a.device)
         if not bool(torch.isfinite(a).all()):
             return math.inf
         num += float((a - e).double().square().sum())

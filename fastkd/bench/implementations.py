@@ -107,7 +107,10 @@ def _backend_status(backend: str, case: Case) -> tuple[str | None, str]:
         auto = _backends.resolve("auto", device, case.torch_dtype)
     except ValueError:
         auto = None
-    return None, "auto" if auto == backend else ""
+    notes = ["auto"] if auto == backend else []
+    if backend == "torch":
+        notes.append("the reference under autograd, not a speed path")
+    return None, "; ".join(notes)
 
 
 def _fastkd_candidates(case: Case) -> list[Candidate]:
