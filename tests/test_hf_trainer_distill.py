@@ -53,11 +53,11 @@ def backend_targets():
     return [pytest.param(("torch", "cpu"), id="torch-cpu"), *kernel_targets()]
 
 
-def held_out_loss(trainer, n: int = 8) -> float:
+def fixed_batch_loss(trainer, n: int = 8) -> float:
     """The plain formula on a fixed batch of the training set, for "the loss goes down"."""
-    cfg_batch = ex.collate([trainer.train_dataset[i] for i in range(n)])
+    batch = ex.collate([trainer.train_dataset[i] for i in range(n)])
     device = next(trainer.model.parameters()).device
-    inputs = {k: v.to(device) for k, v in cfg_batch.items()}
+    inputs = {k: v.to(device) for k, v in batch.items()}
     labels = inputs.pop("labels")
     with torch.no_grad():
         s = trainer.model(**inputs).logits[:, :-1]
@@ -69,9 +69,9 @@ def held_out_loss(trainer, n: int = 8) -> float:
 def run(**overrides):
     """(trainer after training, held-out loss before, after)."""
     trainer = ex.build_trainer(ex.RunConfig(**{**SMALL, **overrides}))
-    before = held_out_loss(trainer)
+    before = fixed_batch_loss(trainer)
     trainer.train()
-    return trainer, before, held_out_loss(trainer)
+    return trainer, before, fixed_batch_loss(trainer)
 
 
 def assert_same_run(fast, plain):

@@ -131,7 +131,7 @@ def _one_thread():
         yield
 
 
-def held_out_loss(trainer, n: int = 8) -> float:
+def fixed_batch_loss(trainer, n: int = 8) -> float:
     """TRL's own loss on a fixed collated batch, for "the loss goes down"."""
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(n)])
     device = next(trainer.model.parameters()).device
@@ -145,9 +145,9 @@ def held_out_loss(trainer, n: int = 8) -> float:
 
 def run(**overrides):
     trainer = ex.build_trainer(ex.RunConfig(**{**SMALL, **overrides}))
-    before = held_out_loss(trainer)
+    before = fixed_batch_loss(trainer)
     trainer.train()
-    return trainer, before, held_out_loss(trainer)
+    return trainer, before, fixed_batch_loss(trainer)
 
 
 @pytest.fixture(scope="module")
