@@ -360,16 +360,19 @@ def _check_head(which: str, hidden, weight, bias) -> None:
             f"{names[1]} has hidden size {weight.shape[1]} (dim 1) but {names[0]} has "
             f"{hidden.shape[-1]} (last dim)"
         )
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"{names[2]} must have shape ({weight.shape[0]},) (the vocabulary of {names[1]}), "
-            f"got {tuple(bias.shape)}"
-        )
     for name, x in zip(names[1:], (weight, bias), strict=True):
         if x is not None and x.device != hidden.device:
             raise ValueError(
                 f"{name} must be on {names[0]}'s device {hidden.device}, got {x.device}"
             )
+
+
+def _check_bias(which: str, weight, bias) -> None:
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{which}_bias must have shape ({weight.shape[0]},) (the vocabulary of "
+            f"{which}_weight), got {tuple(bias.shape)}"
+        )
 
 
 def _check_head_dtypes(which: str, hidden, weight, bias) -> None:
@@ -489,6 +492,8 @@ def fused_linear_kd_loss(
     _check_head("student", student_hidden, student_weight, student_bias)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    _check_bias("student", student_weight, student_bias)
+    _check_bias("teacher", teacher_weight, teacher_bias)
     device = student_hidden.device
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = _autocast_cast(
         device,
