@@ -453,6 +453,9 @@ def _autocast_cast(device: torch.device, tensors: tuple) -> tuple:
     return tuple(x.to(dtype) if x is not None and x.dtype != torch.float64 else x for x in tensors)
 
 
+# A Python loop over data-dependent chunks: torch.compile runs it eagerly (a graph break)
+# rather than tracing it.
+@torch.compiler.disable
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
