@@ -27,8 +27,14 @@ def _xlogratio(w: Tensor, log_w: Tensor, log_v: Tensor) -> Tensor:
 
 
 def _log_mixture(log_x: Tensor, log_y: Tensor, weight_x: float) -> Tensor:
-    """log(weight_x * x + (1 - weight_x) * y) in log space, never via the probabilities."""
-    return torch.logaddexp(log_x + math.log(weight_x), log_y + math.log1p(-weight_x))
+    """log(weight_x * x + (1 - weight_x) * y) in log space, never via the probabilities.
+
+    Entries where x = y = 0 are -inf, kept out of logaddexp, whose gradient there is NaN.
+    """
+    live = (log_x > -math.inf) | (log_y > -math.inf)
+    log_x = torch.where(live, log_x, 0.0) + math.log(weight_x)
+    log_y = torch.where(live, log_y, 0.0) + math.log1p(-weight_x)
+    return torch.where(live, torch.logaddexp(log_x, log_y), -math.inf)
 
 
 def divergence_per_row(

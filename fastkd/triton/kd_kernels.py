@@ -58,40 +58,66 @@ def _tanh(x):
 
 
 @triton.jit
-def _pointwise(DIV: tl.constexpr, log_p, log_q, w, log_w, log_1mw):
-    """The design.md §1 table for one vocabulary entry: (loss term, q_k * g_k).
+def _log1p_small(x):
+    # log(1 + x) for 0 <= x <= 1, accurate near 0 (Goldberg's trick; no log1p in the
+    # interpreter).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
-    w is beta (jsd) or alpha (skew KLs); log_w = log(w), log_1mw = log(1 - w).
+
+@triton.jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + _log1p_small(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, log_w, log_1mw):
+    """The design.md §1 table for one vocabulary entry: (loss term, q_k * h_k).
+
+    h_k is g_k = dD/dq_k, less a constant where that helps: the gradient
+    q_j (h_j - sum_k q_k h_k) is unchanged by it, and a g that tends to a non-zero constant
+    where the student's mass meets none of the teacher's (p << q) would cancel there in
+    float32. Each row writes g in the form that tends to 0 in that regime. TVD's gradient is
+    assembled in the kernel from q_above / q_below sums instead (see kd_row_kernel).
+    w is beta (jsd) or alpha (skew KLs); log_w = log(w), log_1mw = log(1 - w);
+    a_minus_b = (s - t) / T.
     """
     p = tl.exp(log_p)
     q = tl.exp(log_q)
     if DIV == FORWARD_KL:
         loss = _xlogratio(p, log_p, log_q)
-        qg = -p
+        qh = -p  # g = -p/q
     elif DIV == SOFT_CE:
         loss = tl.where(p > 0.0, -p * log_q, 0.0)
-        qg = -p
+        qh = -p  # g = -p/q
     elif DIV == REVERSE_KL:
         loss = _xlogratio(q, log_q, log_p)
-        qg = tl.where(q > 0.0, q * (log_q - log_p + 1.0), 0.0)
+        qh = tl.where(q > 0.0, q * a_minus_b, 0.0)  # g = log q - log p + 1
     elif DIV == JSD:
         log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
-        q_term = _xlogratio(q, log_q, log_m)
-        loss = w * _xlogratio(p, log_p, log_m) + (1.0 - w) * q_term
-        qg = (1.0 - w) * q_term
+        loss = w * _xlogratio(p, log_p, log_m) + (1.0 - w) * _xlogratio(q, log_q, log_m)
+        # g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(log(w p / ((1-w) q))))
+        h = -(1.0 - w) * _softplus(log_w - log_1mw + log_p - log_q)
+        qh = tl.where(q > 0.0, q * h, 0.0)
     elif DIV == SKEW_FORWARD_KL:
         log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
         loss = _xlogratio(p, log_p, log_m)
-        qg = tl.where(p > 0.0, -(1.0 - w) * p * tl.exp(log_q - log_m), 0.0)
+        qh = tl.where(p > 0.0, -(1.0 - w) * p * tl.exp(log_q - log_m), 0.0)  # g = -(1-w)p/m
     elif DIV == SKEW_REVERSE_KL:
         log_m = _logaddexp(log_w + log_q, log_1mw + log_p)
-        q_over_m = tl.exp(log_q - log_m)
         loss = _xlogratio(q, log_q, log_m)
-        qg = tl.where(q > 0.0, q * (log_q - log_m + 1.0 - w * q_over_m), 0.0)
-    else:  # TVD
+        # g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u), u = log((1-w)p/(w q))
+        u = log_1mw - log_w + log_p - log_q
+        qh = tl.where(q > 0.0, q * (_sigmoid(u) - _softplus(u)), 0.0)
+    else:  # TVD: g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
         loss = 0.5 * tl.abs(p - q)
-        qg = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))
-    return loss, qg
+        qh = tl.where(q > p, q, tl.where(q < p, -q, 0.0))
+    return loss, qh
 
 
 @triton.jit
@@ -186,40 +212,55 @@ def kd_row_kernel(
             cross = cross * rescale_b - tl.sum(tl.where(e_b > 0.0, e_b * a, 0.0), axis=0)
         elif DIV == REVERSE_KL:
             cross = cross * rescale_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - b), 0.0), axis=0)
-    lse_a = m_a + tl.log(z_a)
-    lse_b = m_b + tl.log(z_b)
+    # log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
+    # would round it to the ulp of the logits' magnitude.
+    m_a = _safe_shift(m_a)
+    m_b = _safe_shift(m_b)
+    log_z_a = tl.log(z_a)
+    log_z_b = tl.log(z_b)
 
     # The loss, and S = sum_k q_k g_k for the gradient.
     if ONE_PASS_LOSS:
         if DIV == FORWARD_KL:
-            kd = cross / z_b + lse_a - lse_b
-            qg_sum = -1.0
+            kd = cross / z_b + (m_a - m_b) + (log_z_a - log_z_b)
+            qh_sum = -1.0
         elif DIV == SOFT_CE:
-            kd = cross / z_b + lse_a
-            qg_sum = -1.0
+            kd = cross / z_b + m_a + log_z_a
+            qh_sum = -1.0
         else:  # REVERSE_KL
-            kd = cross / z_a + lse_b - lse_a
-            qg_sum = kd + 1.0
+            qh_sum = cross / z_a  # sum_k q_k (a_k - b_k), the h of _pointwise
+            kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a)
     else:
         kd_acc = tl.zeros([BLOCK], dtype=tl.float32)
-        qg_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        qh_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        # TVD only: the sums of q where q > p and where q < p.
+        q_above_acc = tl.zeros([BLOCK], dtype=tl.float32)
+        q_below_acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             _, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
             _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-            loss_terms, qg_terms = _pointwise(DIV, b - lse_b, a - lse_a, w, log_w, log_1mw)
+            log_p = (b - m_b) - log_z_b
+            log_q = (a - m_a) - log_z_a
+            loss_terms, qh_terms = _pointwise(DIV, log_p, log_q, a - b, w, log_w, log_1mw)
             kd_acc += loss_terms
-            qg_acc += qg_terms
+            qh_acc += qh_terms
+            if DIV == TVD:
+                q_above_acc += tl.maximum(qh_terms, 0.0)
+                q_below_acc += tl.maximum(-qh_terms, 0.0)
         kd = tl.sum(kd_acc, axis=0)
-        qg_sum = tl.sum(qg_acc, axis=0)
+        qh_sum = tl.sum(qh_acc, axis=0)
+        q_above = tl.sum(q_above_acc, axis=0)
+        q_below = tl.sum(q_below_acc, axis=0)
 
     if HAS_CE:
-        lse_s = m_s + tl.log(z_s)
+        m_s = _safe_shift(m_s)
+        log_z_s = tl.log(z_s)
         label_safe = tl.minimum(tl.maximum(label, 0), V - 1)
         s_label = tl.load(s_row + label_safe).to(tl.float32)
         if SOFTCAP:
             s_label = softcap * _tanh(s_label / softcap)
-        ce = lse_s - s_label
+        ce = (m_s - s_label) + log_z_s
         tl.store(ce_rows_ptr + row, tl.where(ignored, 0.0, ce))
     tl.store(kd_rows_ptr + row, tl.where(ignored, 0.0, kd))
 
@@ -231,11 +272,19 @@ def kd_row_kernel(
             cols = start + offs
             s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
             _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-            log_q = a - lse_a
-            _, qg = _pointwise(DIV, b - lse_b, log_q, w, log_w, log_1mw)
-            g = kd_grad_coef * (qg - tl.exp(log_q) * qg_sum)
+            log_q = (a - m_a) - log_z_a
+            _, qh = _pointwise(DIV, (b - m_b) - log_z_b, log_q, a - b, w, log_w, log_1mw)
+            q = tl.exp(log_q)
+            if DIV == TVD:
+                # q_j (g_j - S) = q_j * (sum of q where q < p) where q_j > p_j, and
+                # -q_j * (sum of q where q > p) where q_j < p_j: no 1/2 - S cancellation.
+                d_a = tl.where(qh > 0.0, q * q_below, tl.where(qh < 0.0, -q * q_above, 0.0))
+            else:
+                d_a = qh - q * qh_sum
+            g = kd_grad_coef * d_a
             if HAS_CE:
-                g += ce_weight * (tl.exp(s - lse_s) - tl.where(cols == label, 1.0, 0.0))
+                softmax_s = tl.exp((s - m_s) - log_z_s)
+                g += ce_weight * (softmax_s - tl.where(cols == label, 1.0, 0.0))
             if SOFTCAP:
                 g *= 1.0 - (s / softcap) * (s / softcap)
             g = tl.where(ignored, 0.0, g * grad_scale)

@@ -1,0 +1,65 @@
+"""Compiles the Triton kernels to cubins for real GPUs, with no GPU present.
+
+Run as a script with TRITON_INTERPRET unset (tests/test_triton_compile.py does): prints one
+JSON line per kernel variant. The interpreter runs Python semantics and would not catch an
+error in the GPU lowering (types of loop-carried values, unsupported ops); this does.
+"""
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastkd.divergences import DIVERGENCES
+from fastkd.triton import kd_kernels
+
+ROW_KERNEL_ARGS = {
+    "s_ptr": "*bf16", "s_row_stride": "i64", "t_ptr": "*fp16", "t_row_stride": "i64",
+    "labels_ptr": "*i64", "grad_ptr": "*bf16", "grad_row_stride": "i64",
+    "kd_rows_ptr": "*fp32", "ce_rows_ptr": "*fp32", "grad_scale_ptr": "*fp32", "V": "i32",
+    "inv_t": "fp32", "softcap": "fp32", "w": "fp32", "log_w": "fp32", "log_1mw": "fp32",
+    "kd_grad_coef": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
+}  # fmt: skip
+SCALE_KERNEL_ARGS = {
+    "grad_ptr": "*bf16", "grad_row_stride": "i64", "factor_ptr": "*fp32",
+    "factor_row_stride": "i64", "V": "i32",
+}  # fmt: skip
+
+
+def compile_kernel(fn, args, constexprs, capability, num_warps):
+    signature = dict(args, **{name: "constexpr" for name in constexprs})
+    names = list(signature)
+    src = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
+    compiled = triton.compile(
+        src, target=GPUTarget("cuda", capability, 32), options={"num_warps": num_warps}
+    )
+    return len(compiled.asm["cubin"])
+
+
+def main(capability: int) -> None:
+    block = 4096
+    for div in DIVERGENCES.values():
+        for full in (True, False):
+            constexprs = dict(
+                DIV=div.code, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=full, HAS_CE=full,
+                SOFTCAP=full, COMPUTE_GRAD=full, BLOCK=block,
+            )  # fmt: skip
+            size = compile_kernel(
+                kd_kernels.kd_row_kernel, ROW_KERNEL_ARGS, constexprs, capability,
+                kd_kernels._num_warps(block),
+            )  # fmt: skip
+            print(json.dumps({"kernel": "kd_row_kernel", "divergence": div.name,
+                              "full": full, "cubin_bytes": size}))  # fmt: skip
+    size = compile_kernel(kd_kernels.scale_rows_kernel, SCALE_KERNEL_ARGS, {"BLOCK": block},
+                          capability, 16)  # fmt: skip
+    print(json.dumps({"kernel": "scale_rows_kernel", "cubin_bytes": size}))
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
