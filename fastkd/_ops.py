@@ -31,8 +31,10 @@ def _grad_scale(
     num_items_in_batch: Optional[Tensor],
     ignore_index: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The reduction's factor on each row's loss, as a 0-d float32 tensor on the device.
+    """The reduction's factor on each row's loss, as a 0-d tensor on the device (float32, or
+    float64 for FusedLinearKDLoss's float64 path).
 
     Computed without a host sync: the kernel reads it, and the reduced loss uses it too.
     """
@@ -41,14 +43,14 @@ def _grad_scale(
     elif reduction == "batchmean":
         value = 1.0 / max(size0, 1)
     elif num_items_in_batch is not None:
-        ones = torch.ones((), dtype=torch.float32, device=device)
-        return ones / num_items_in_batch.to(torch.float32).clamp_min(1)
+        ones = torch.ones((), dtype=dtype, device=device)
+        return ones / num_items_in_batch.to(dtype).clamp_min(1)
     elif labels is not None:
-        kept = (labels != ignore_index).sum().to(torch.float32)
+        kept = (labels != ignore_index).sum().to(dtype)
         return 1.0 / kept.clamp_min(1)
     else:
         value = 1.0 / max(n_rows, 1)
-    return torch.full((), value, dtype=torch.float32, device=device)
+    return torch.full((), value, dtype=dtype, device=device)
 
 
 def _run_rows(
