@@ -114,8 +114,8 @@ def check(student, teacher, labels, backend, gen, **options):
     """Fused vs the float64 reference and vs KDLoss on explicit float32 logits: the loss and
     the gradients of hidden, weight and bias, with grad_output != 1."""
     dtype = student[0].dtype
-    out, grads = run_fused(student, teacher, labels, torch.tensor(1.0), backend, **options)
-    weight = grad_output_for(out, gen)
+    per_row = options.get("reduction") == "none"
+    weight = grad_output_for(torch.empty(student[0].shape[:-1] if per_row else ()), gen)
     out, grads = run_fused(student, teacher, labels, weight, backend, **options)
     assert out.dtype == torch.float32
     assert all(g is None or torch.isfinite(g).all() for g in grads)
