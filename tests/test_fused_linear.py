@@ -13,7 +13,7 @@ from kd_testing import GRAD_TOL, LOSS_TOL, make_labels, record, rel_err
 from kd_testing import grad_weight as grad_output_for
 
 import fastkd
-from fastkd import _backends, fused_linear
+from fastkd import _backends, _fused_linear_ops
 
 DIVERGENCES = list(fastkd.DIVERGENCES)
 N_ROWS, H_S, H_T, V = 13, 8, 12, 37
@@ -398,8 +398,9 @@ def test_module_checks_options_at_construction():
 
 def test_chunk_rows_follow_the_budget_not_the_shape():
     cpu = torch.device("cpu")
-    rows = fused_linear._chunk_rows
-    kernel_row = 1000 * fused_linear.KERNEL_ROW_FLOATS * 4
+    ops = _fused_linear_ops
+    rows = ops._chunk_rows
+    kernel_row = 1000 * ops.KERNEL_ROW_FLOATS * 4
     # A budget of exactly 100 kernel rows gives 64 (whole tiles), 10 rows gives 10.
     assert rows(5000, 1000, torch.float32, "triton", None, 100 * kernel_row, cpu) == 64
     assert rows(5000, 1000, torch.float32, "triton", None, 10 * kernel_row, cpu) == 10
@@ -409,7 +410,7 @@ def test_chunk_rows_follow_the_budget_not_the_shape():
     assert rows(5000, 1000, torch.float32, "triton", 7, None, cpu) == 7
     assert rows(30, 1000, torch.float32, "triton", None, 100 * kernel_row, cpu) == 30
     # The default on CPU is a fixed budget; the reference path's rows cost more.
-    expected = fused_linear.CPU_MEMORY_BUDGET // (1000 * fused_linear.KERNEL_ROW_FLOATS * 4)
+    expected = ops.CPU_MEMORY_BUDGET // kernel_row
     assert rows(10**6, 1000, torch.float32, "triton", None, None, cpu) == expected - expected % 64
     ref_rows = rows(10**6, 1000, torch.float32, "torch", None, None, cpu)
     assert ref_rows < expected and ref_rows > 0
