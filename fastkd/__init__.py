@@ -1,8 +1,18 @@
 """fastkd: fused knowledge-distillation losses for large vocabularies."""
 
 from .divergences import DIVERGENCES, REDUCTIONS
+from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .losses import KDLoss, KDLossOutput, kd_loss
 from .reference import kd_loss_reference
 
-__all__ = ["DIVERGENCES", "REDUCTIONS", "KDLoss", "KDLossOutput", "kd_loss", "kd_loss_reference"]
+__all__ = [
+    "DIVERGENCES",
+    "REDUCTIONS",
+    "FusedLinearKDLoss",
+    "KDLoss",
+    "KDLossOutput",
+    "fused_linear_kd_loss",
+    "kd_loss",
+    "kd_loss_reference",
+]
 __version__ = "0.1.0"
