@@ -17,8 +17,6 @@ from example_testing import (
 )
 from kd_testing import kernel_targets
 
-import fastkd
-
 ex = import_example("hf_trainer_distill", "transformers")
 
 # A few seconds per run on one CPU thread: V=96, one layer, 2 x 2 sequences of <= 11 tokens
@@ -42,10 +40,6 @@ SMALL = dict(
 )
 LOSS_RTOL = 1e-5  # per-step losses: float32 rounding of two summation orders
 WEIGHTS_RTOL = 1e-4  # after 3 AdamW steps, which divide by sqrt(v) of near-zero gradients
-
-needs_fused = pytest.mark.skipif(
-    not hasattr(fastkd, "FusedLinearKDLoss"), reason="FusedLinearKDLoss not in this checkout"
-)
 
 
 def backend_targets():
@@ -138,7 +132,6 @@ def test_fused_linear_path_equals_logits_path(plain_run):
     assert_same_run(fused_plain, plain_run)
 
 
-@needs_fused
 @pytest.mark.parametrize("target", backend_targets())
 def test_fused_linear_trainer_matches_plain_formula(plain_run, target):
     backend, device = target
@@ -192,7 +185,11 @@ def _loss_options():
         ],
         pytest.param("torch", False, ("torch", "cpu"), id="plain-logits"),
         pytest.param("torch", True, ("torch", "cpu"), id="plain-hidden-states"),
-        pytest.param("fastkd", True, ("torch", "cpu"), id="fused-torch-cpu", marks=needs_fused),
+        pytest.param("fastkd", True, ("torch", "cpu"), id="fused-torch-cpu"),
+        *[
+            pytest.param("fastkd", True, p.values[0], id=f"fused-{p.id}", marks=p.marks)
+            for p in kernel_targets()
+        ],
     ],
 )
 def test_label_shift_and_masking(loss, fused_linear, target):
@@ -224,12 +221,20 @@ def test_label_shift_and_masking(loss, fused_linear, target):
     assert math.isclose(got_ga.item(), expected_ga, rel_tol=1e-5)
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("fused_linear", [False, True], ids=["logits", "fused-linear"])
+def test_gradient_accumulation_equals_one_big_batch(fused_linear):
     """One SGD step over the same 8 sequences, as one batch of 8 or as 2 accumulated
     micro-batches of 4 (each padded to its own width): num_items_in_batch makes the two the
     same update. Dividing each micro-batch by its own row count would not."""
     common = dict(
-        examples=8, steps=1, teacher_steps=0, optim="sgd", lr=0.5, loss="fastkd", device="cpu"
+        examples=8,
+        steps=1,
+        teacher_steps=0,
+        optim="sgd",
+        lr=0.5,
+        loss="fastkd",
+        fused_linear=fused_linear,
+        device="cpu",
     )
     one, _, _ = run(**common, batch_size=8, grad_accum=1)
     two, _, _ = run(**common, batch_size=4, grad_accum=2)
@@ -269,10 +274,6 @@ def test_cli_tiny(capsys):
 
 def test_cli_tiny_fused_linear(capsys):
     argv = ["--tiny", "--fused-linear", "--steps", "2", "--teacher-steps", "2"]
-    if not hasattr(fastkd, "FusedLinearKDLoss"):
-        with pytest.raises(SystemExit, match="needs fastkd.FusedLinearKDLoss"):
-            ex.main(argv)
-        return
     ex.main([*argv, "--report-vocab", "4096"])
     out = capsys.readouterr().out
     assert "loss=fastkd (hidden states + FusedLinearKDLoss, forward_kl)" in out
