@@ -31,8 +31,10 @@ def _grad_scale(
     num_items_in_batch: Optional[Tensor],
     ignore_index: int,
     device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """The reduction's factor on each row's loss, as a 0-d float32 tensor on the device.
+    """The reduction's factor on each row's loss, as a 0-d tensor on the device (float32, or
+    float64 for FusedLinearKDLoss's float64 path).
 
     Computed without a host sync: the kernel reads it, and the reduced loss uses it too.
     """
@@ -41,14 +43,71 @@ def _grad_scale(
     elif reduction == "batchmean":
         value = 1.0 / max(size0, 1)
     elif num_items_in_batch is not None:
-        ones = torch.ones((), dtype=torch.float32, device=device)
-        return ones / num_items_in_batch.to(torch.float32).clamp_min(1)
+        ones = torch.ones((), dtype=dtype, device=device)
+        return ones / num_items_in_batch.to(dtype).clamp_min(1)
     elif labels is not None:
-        kept = (labels != ignore_index).sum().to(torch.float32)
+        kept = (labels != ignore_index).sum().to(dtype)
         return 1.0 / kept.clamp_min(1)
     else:
         value = 1.0 / max(n_rows, 1)
-    return torch.full((), value, dtype=torch.float32, device=device)
+    return torch.full((), value, dtype=dtype, device=device)
+
+
+def _run_rows(
+    kd_rows_fn,
+    s2: Tensor,
+    t2: Tensor,
+    labels1: Optional[Tensor],
+    grad2: Optional[Tensor],
+    scale: Tensor,
+    divergence: str,
+    temperature: float,
+    param: float,
+    softcap: Optional[float],
+    scale_t2: bool,
+    kd_weight: float,
+    ce_weight: float,
+    ignore_index: int,
+) -> tuple[Tensor, Tensor]:
+    """Runs a row kernel on (n, V) rows: (T^2-scaled kd per row, ce per row), float32.
+
+    ``grad2`` (or None for loss only) receives ``scale`` * dL/ds; it may be ``s2`` itself.
+    FusedLinearKDLoss calls this once per chunk of rows.
+    """
+    t_sq = temperature**2 if scale_t2 else 1.0
+    kd_rows, ce_rows = kd_rows_fn(
+        s2,
+        t2,
+        labels1,
+        grad2,
+        scale,
+        divergence=divergence,
+        temperature=temperature,
+        param=param,
+        softcap=softcap,
+        kd_grad_coef=kd_weight * t_sq / temperature,
+        ce_weight=ce_weight,
+        ignore_index=ignore_index,
+    )
+    return kd_rows * t_sq, ce_rows
+
+
+def _reduce_rows(
+    kd_rows: Tensor,
+    ce_rows: Tensor,
+    scale: Tensor,
+    reduction: str,
+    lead_shape: torch.Size,
+    kd_weight: float,
+    ce_weight: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, kd, ce) from per-row losses: shaped like ``lead_shape`` for 'none', else summed
+    and multiplied by the reduction's factor."""
+    if reduction == "none":
+        kd, ce = kd_rows.view(lead_shape), ce_rows.view(lead_shape)
+    else:
+        kd, ce = kd_rows.sum() * scale, ce_rows.sum() * scale
+    return kd_weight * kd + ce_weight * ce, kd, ce
 
 
 def _kd_forward(
@@ -70,7 +129,6 @@ def _kd_forward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Runs the row kernel (gradient into ``grad`` when given) and reduces: (loss, kd, ce)."""
     V = student.shape[-1]
-    lead_shape = student.shape[:-1]
     s2 = _rows(student, V)
     t2 = _rows(teacher, V)
     labels1 = labels.reshape(-1) if labels is not None else None
@@ -79,28 +137,26 @@ def _kd_forward(
     scale = _grad_scale(
         reduction, n_rows, size0, labels1, num_items_in_batch, ignore_index, student.device
     )
-    t_sq = temperature**2 if scale_t2 else 1.0
     kd_rows_fn, _ = _backends.row_kernel(backend)
-    kd_rows, ce_rows = kd_rows_fn(
+    kd_rows, ce_rows = _run_rows(
+        kd_rows_fn,
         s2,
         t2,
         labels1,
         None if grad is None else grad.view(n_rows, V),
         scale,
-        divergence=divergence,
-        temperature=temperature,
-        param=param,
-        softcap=softcap,
-        kd_grad_coef=kd_weight * t_sq / temperature,
-        ce_weight=ce_weight,
-        ignore_index=ignore_index,
+        divergence,
+        temperature,
+        param,
+        softcap,
+        scale_t2,
+        kd_weight,
+        ce_weight,
+        ignore_index,
     )
-    kd_rows = kd_rows * t_sq
-    if reduction == "none":
-        kd, ce = kd_rows.view(lead_shape), ce_rows.view(lead_shape)
-    else:
-        kd, ce = kd_rows.sum() * scale, ce_rows.sum() * scale
-    return kd_weight * kd + ce_weight * ce, kd, ce
+    return _reduce_rows(
+        kd_rows, ce_rows, scale, reduction, student.shape[:-1], kd_weight, ce_weight
+    )
 
 
 def _loss_shape(student: Tensor, reduction: str) -> torch.Size:

@@ -104,22 +104,27 @@ def _check_logits(student: Tensor, teacher: Tensor) -> None:
 
 
 def _check_labels(labels, student: Tensor, ignore_index: int) -> None:
+    _check_labels_for(labels, student.shape[:-1], student.shape[-1], student.device, ignore_index)
+
+
+def _check_labels_for(
+    labels, lead_shape: torch.Size, V: int, device: torch.device, ignore_index: int
+) -> None:
+    """Labels for logits of shape (*lead_shape, V) on ``device`` (FusedLinearKDLoss has no
+    logits to show, only their shape)."""
     if labels is None:
         return
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
-    if labels.shape != student.shape[:-1]:
+    if labels.shape != lead_shape:
         raise ValueError(
-            f"labels must have the leading shape of the logits {tuple(student.shape[:-1])}, "
+            f"labels must have the leading shape of the logits {tuple(lead_shape)}, "
             f"got {tuple(labels.shape)}"
         )
-    if labels.device != student.device:
-        raise ValueError(
-            f"labels must be on the logits' device {student.device}, got {labels.device}"
-        )
-    V = student.shape[-1]
+    if labels.device != device:
+        raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
     valid = (labels == ignore_index) | ((labels >= 0) & (labels < V))
     message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
     if labels.device.type == "cpu" and not torch.compiler.is_compiling():
@@ -129,6 +134,11 @@ def _check_labels(labels, student: Tensor, ignore_index: int) -> None:
         # No host sync on accelerators, and no data-dependent branch (a graph break) under
         # torch.compile: an assert that runs with the op, as torch's cross_entropy does.
         torch._assert_async(valid.all(), message)
+
+
+def _check_ce_labels(ce_weight: float, labels) -> None:
+    if ce_weight != 0 and labels is None:
+        raise ValueError("ce_weight != 0 mixes in hard-label cross-entropy and needs labels")
 
 
 def _check_num_items(num_items_in_batch, device: torch.device) -> Tensor | None:
@@ -187,8 +197,7 @@ def kd_loss(
     )
     _check_logits(student_logits, teacher_logits)
     _check_labels(labels, student_logits, ignore_index)
-    if ce_weight != 0 and labels is None:
-        raise ValueError("ce_weight != 0 mixes in hard-label cross-entropy and needs labels")
+    _check_ce_labels(ce_weight, labels)
     num_items = _check_num_items(num_items_in_batch, student_logits.device)
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     chosen = _backends.resolve(backend, student_logits.device, dtype)

@@ -1,0 +1,376 @@
+"""The chunk loop of FusedLinearKDLoss, its matmuls, autograd and chunk sizing.
+
+design.md §3 "Fused linear": the value and gradients are those of :class:`fastkd.KDLoss` on
+``hidden @ weight.T (+ bias)`` for both models, but the N x V logits are never held. Rows
+are processed in chunks sized by a memory budget; per chunk:
+
+1. student and teacher logits, float32 accumulation and a float32 result (no rounding to
+   bf16/fp16 before the softmax);
+2. the row kernel (KDLoss's, ``_backends.row_kernel``) writes dL/ds, already scaled by the
+   reduction's factor (``_ops._grad_scale``), over the chunk's student logits;
+3. grad_hidden for the chunk, and grad_weight / grad_bias accumulated in float32 (cast to
+   the parameters' dtype at the end).
+
+The gradients are computed in the forward; the backward only multiplies them by
+grad_output. ``reduction="none"`` is the exception: a per-row grad_output scales the rows
+of dL/ds before they are summed into grad_weight, which no afterwards-rescaling can do, so
+for "none" the forward computes only the loss and the backward recomputes the chunks with
+the rows scaled (two more matmuls per chunk, and no gradient held between the passes).
+
+Rows whose label is ``ignore_index`` are dropped before any matmul. Finding them
+(``nonzero``) needs the count on the host: one synchronisation per call, before the loop,
+and only when labels are given; nothing inside the loop synchronises.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from . import _backends, _ops, _reference_rows
+
+# Default budget for a chunk's working set when neither chunk_size nor memory_budget is
+# given: on CPU a fixed one (RAM is not a device to ask). 256 MiB is a few hundred rows at
+# V = 32000 on the kernel path, enough for the CPU matmuls' full speed: at N=2048, H=1024,
+# V=32000 it measured as fast as 1 GiB (within noise) with 0.5 GB less peak RSS. On CUDA
+# this fraction of the free memory (the driver's, plus what torch's allocator holds unused).
+CPU_MEMORY_BUDGET = 256 << 20
+CUDA_FREE_FRACTION = 0.25
+
+# Floats per element of a chunk's (rows, V) logits that the kernel path holds: student and
+# teacher logits, plus room for the gradient's cast to a low-precision weight dtype.
+KERNEL_ROW_FLOATS = 3
+
+
+@dataclass(frozen=True)
+class _Config:
+    """The validated options of one call, as the chunk loop needs them."""
+
+    divergence: str
+    temperature: float
+    param: float
+    softcap: float | None
+    scale_t2: bool
+    kd_weight: float
+    ce_weight: float
+    ignore_index: int
+    reduction: str
+    backend: str  # concrete: a kernel backend, or "torch" for the chunked reference
+    chunk_rows: int
+
+    def run_rows(self, rows_fn, s, t, labels, grad, scale):
+        return _ops._run_rows(
+            rows_fn, s, t, labels, grad, scale, self.divergence, self.temperature,
+            self.param, self.softcap, self.scale_t2, self.kd_weight, self.ce_weight,
+            self.ignore_index,
+        )  # fmt: skip
+
+    def row_fns(self):
+        """(kd_rows, scale_rows_): the kernel's, or the reference behind the same interface."""
+        if self.backend in _backends.KERNEL_BACKENDS:
+            return _backends.row_kernel(self.backend)
+        return _reference_rows.kd_rows, _reference_rows.scale_rows_
+
+
+# --- matmuls with float32 accumulation and results --------------------------------------
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The logits' dtype: float32, or float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@functools.cache
+def _cuda_out_dtype(kind: str, device: torch.device) -> bool:
+    """Whether this torch's CUDA mm / in-place addmm take bf16 operands with float32 output
+    (``out_dtype``, torch >= 2.8; addmm into a float32 accumulator in later versions).
+    Probed once on tiny tensors, checked against the float32 product."""
+    a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
+    try:
+        if kind == "mm":
+            out = torch.mm(a, a, out_dtype=torch.float32)
+        else:
+            out = torch.ones(2, 2, device=device, dtype=torch.float32)
+            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+    expected = 2.0 if kind == "mm" else 3.0
+    return out.dtype == torch.float32 and bool((out == expected).all())
+
+
+class _Head:
+    """One model's LM head for one call: (N, H) hidden rows, weight (V, H), bias (V,)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
+        self.hidden = hidden.reshape(-1, hidden.shape[-1])
+        self.weight = weight
+        self.wide = _wide(weight.dtype)
+        low = weight.dtype != self.wide
+        # bf16/fp16: on CUDA the matmul writes float32 from low-precision operands; elsewhere
+        # (CPU) the weight is upcast once per call: V x H x 4 more bytes, never per chunk.
+        self.native_low = low and weight.is_cuda and _cuda_out_dtype("mm", weight.device)
+        self.weight_op = weight.to(self.wide) if low and not self.native_low else weight
+        self.bias = None if bias is None else bias.to(self.wide)
+
+    def rows(self, index) -> Tensor:
+        return self.hidden[index].to(self.weight_op.dtype)
+
+    def logits(self, h: Tensor) -> Tensor:
+        """(rows, V) logits of hidden rows h (already in weight_op's dtype)."""
+        w_t = self.weight_op.t()
+        if self.native_low:
+            out = torch.mm(h, w_t, out_dtype=torch.float32)
+            return out if self.bias is None else out.add_(self.bias)
+        if self.bias is None:
+            return torch.mm(h, w_t)
+        return torch.addmm(self.bias, h, w_t)
+
+    def grad_hidden(self, g: Tensor) -> Tensor:
+        """g (rows, V) @ weight, in the hidden's dtype (low-precision operands on CUDA)."""
+        if self.native_low:
+            return torch.mm(g.to(self.weight.dtype), self.weight)
+        return torch.mm(g, self.weight_op).to(self.hidden.dtype)
+
+    def accumulate_grad_weight_(self, acc: Tensor, g: Tensor, h: Tensor) -> None:
+        """acc (V, H, float32) += g.T @ h."""
+        if not self.native_low:
+            acc.addmm_(g.t(), h)
+            return
+        g_low = g.to(self.weight.dtype).t()
+        if _cuda_out_dtype("addmm", acc.device):
+            torch.addmm(acc, g_low, h, out_dtype=torch.float32, out=acc)
+        else:
+            # Older torch: a float32 product per chunk (a transient V x H float32 buffer).
+            acc.add_(torch.mm(g_low, h, out_dtype=torch.float32))
+
+
+# --- the chunk loop ----------------------------------------------------------------------
+
+
+@dataclass
+class _Grads:
+    """Gradients filled by the loop: None where not wanted. Weight and bias are float32
+    accumulators until ``finish``."""
+
+    hidden: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+
+    @classmethod
+    def allocate(cls, student: _Head, needs: tuple[bool, bool, bool], all_rows_kept: bool):
+        h, w = student.hidden, student.weight
+        # Ignored rows are never visited: their gradient rows must start at zero.
+        new = torch.empty if all_rows_kept else torch.zeros
+        return cls(
+            new(h.shape, dtype=h.dtype, device=h.device) if needs[0] else None,
+            torch.zeros(w.shape, dtype=student.wide, device=w.device) if needs[1] else None,
+            torch.zeros(w.shape[0], dtype=student.wide, device=w.device) if needs[2] else None,
+        )
+
+    def finish(self, hidden_shape, weight_dtype, bias_dtype) -> tuple:
+        return (
+            None if self.hidden is None else self.hidden.view(hidden_shape),
+            None if self.weight is None else self.weight.to(weight_dtype),
+            None if self.bias is None else self.bias.to(bias_dtype),
+        )
+
+
+def _kept_rows(labels1: Tensor | None, ignore_index: int, n_rows: int):
+    """(index of the rows not ignored, or None for all of them; their count).
+
+    ``nonzero`` synchronises with the device once, here, so that the loop knows its bounds.
+    """
+    if labels1 is None:
+        return None, n_rows
+    kept = torch.nonzero(labels1 != ignore_index).squeeze(1)
+    n_kept = kept.numel()
+    return (None if n_kept == n_rows else kept), n_kept
+
+
+def _chunk_loop(
+    cfg: _Config,
+    student: _Head,
+    teacher: _Head,
+    labels1: Tensor | None,
+    kept: Tensor | None,
+    n_kept: int,
+    scale: Tensor,
+    grads: _Grads | None,
+    row_factor: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Runs every chunk of the kept rows; returns (kd, ce) per row (zeros for ignored rows),
+    filling ``grads`` when given.
+
+    ``row_factor`` (one value per row) multiplies each row's gradient before the gradient
+    matmuls: the backward of reduction="none".
+    """
+    n_rows = student.hidden.shape[0]
+    kd_rows_fn, scale_rows_ = cfg.row_fns()
+    wide = student.wide
+    kd_all = torch.zeros(n_rows, dtype=wide, device=student.hidden.device)
+    ce_all = torch.zeros_like(kd_all)
+    for start in range(0, n_kept, cfg.chunk_rows):
+        index = slice(start, min(start + cfg.chunk_rows, n_kept))
+        if kept is not None:
+            index = kept[index]
+        # One call per chunk, so that its buffers are freed before the next is allocated.
+        kd_all[index], ce_all[index] = _run_chunk(
+            cfg, kd_rows_fn, scale_rows_, student, teacher, labels1, index, scale, grads,
+            row_factor,
+        )  # fmt: skip
+    return kd_all, ce_all
+
+
+def _run_chunk(
+    cfg, kd_rows_fn, scale_rows_, student, teacher, labels1, index, scale, grads, row_factor
+) -> tuple[Tensor, Tensor]:
+    """The rows ``index`` (a slice or an index tensor): (kd, ce) per row, grads accumulated."""
+    h_s = student.rows(index)
+    s = student.logits(h_s)
+    t = teacher.logits(teacher.rows(index)).to(s.dtype)
+    labels_c = labels1[index] if (labels1 is not None and cfg.ce_weight != 0) else None
+    grad = s if grads is not None else None  # the kernel writes dL/ds over the logits
+    kd_c, ce_c = cfg.run_rows(kd_rows_fn, s, t, labels_c, grad, scale)
+    del t
+    if grad is not None:
+        if row_factor is not None:
+            scale_rows_(grad, row_factor[index].to(grad.dtype))
+        if grads.hidden is not None:
+            grads.hidden[index] = student.grad_hidden(grad)
+        if grads.weight is not None:
+            student.accumulate_grad_weight_(grads.weight, grad, h_s)
+        if grads.bias is not None:
+            grads.bias.add_(grad.sum(0))
+    return kd_c.to(student.wide), ce_c.to(student.wide)
+
+
+def _prepare(cfg: _Config, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
+             num_items):  # fmt: skip
+    """Everything the loop needs: (student, teacher, labels1, scale, kept, n_kept)."""
+    student = _Head(s_hidden, s_weight, s_bias)
+    teacher = _Head(t_hidden, t_weight, t_bias)
+    labels1 = None if labels is None else labels.reshape(-1)
+    n_rows = student.hidden.shape[0]
+    size0 = s_hidden.shape[0] if s_hidden.dim() > 1 else s_weight.shape[0]
+    scale = _ops._grad_scale(
+        cfg.reduction, n_rows, size0, labels1, num_items, cfg.ignore_index, s_hidden.device,
+        student.wide,
+    )  # fmt: skip
+    kept, n_kept = _kept_rows(labels1, cfg.ignore_index, n_rows)
+    return student, teacher, labels1, scale, kept, n_kept
+
+
+def _forward(cfg: _Config, inputs: tuple, needs: tuple[bool, bool, bool]):
+    """(loss, kd, ce, grads): grads is None unless ``needs`` asks for any, and then holds
+    the gradients for a grad_output of 1."""
+    s_hidden = inputs[0]
+    with torch.autocast(s_hidden.device.type, enabled=False):
+        student, teacher, labels1, scale, kept, n_kept = _prepare(cfg, *inputs)
+        grads = _Grads.allocate(student, needs, kept is None) if any(needs) else None
+        kd_rows, ce_rows = _chunk_loop(cfg, student, teacher, labels1, kept, n_kept, scale, grads)
+        loss, kd, ce = _ops._reduce_rows(
+            kd_rows, ce_rows, scale, cfg.reduction, s_hidden.shape[:-1], cfg.kd_weight,
+            cfg.ce_weight,
+        )  # fmt: skip
+    return loss, kd, ce, grads
+
+
+def _backward_none(cfg: _Config, inputs: tuple, needs, row_factor: Tensor) -> _Grads:
+    """reduction="none": recompute the chunks with each row's gradient times its
+    grad_output (the loss per row is recomputed too, and dropped)."""
+    with torch.autocast(inputs[0].device.type, enabled=False):
+        student, teacher, labels1, scale, kept, n_kept = _prepare(cfg, *inputs)
+        grads = _Grads.allocate(student, needs, kept is None)
+        _chunk_loop(
+            cfg, student, teacher, labels1, kept, n_kept, scale, grads,
+            row_factor=row_factor.reshape(-1),
+        )  # fmt: skip
+    return grads
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    """Autograd for the fused loss: the forward computes the gradients, the backward scales
+    them by grad_output (or, for reduction="none", recomputes them row-scaled)."""
+
+    @staticmethod
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
+                num_items, cfg, needs):  # fmt: skip
+        inputs = (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, num_items)
+        deferred = cfg.reduction == "none"
+        loss, kd, ce, grads = _forward(cfg, inputs, (False,) * 3 if deferred else needs)
+        ctx.cfg, ctx.needs = cfg, needs
+        ctx.shapes = (s_hidden.shape, s_weight.dtype, None if s_bias is None else s_bias.dtype)
+        if deferred:
+            ctx.save_for_backward(*inputs)
+        else:
+            ctx.grads = grads.finish(*ctx.shapes)
+        ctx.mark_non_differentiable(kd, ce)
+        return loss, kd, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_loss, d_kd, d_ce):
+        if d_loss is None:
+            return (None,) * 10
+        if ctx.cfg.reduction == "none":
+            grads = _backward_none(ctx.cfg, ctx.saved_tensors, ctx.needs, d_loss)
+            g_hidden, g_weight, g_bias = grads.finish(*ctx.shapes)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "FusedLinearKDLoss: backward through the same loss a second time; its "
+                    "gradients are computed in the forward and handed over by the first "
+                    "backward (compute the loss again instead of retain_graph=True)"
+                )
+            g_hidden, g_weight, g_bias = ctx.grads
+            ctx.grads = None
+            for g in (g_hidden, g_weight, g_bias):
+                if g is not None:
+                    g.mul_(d_loss)
+        return (g_hidden, g_weight, g_bias) + (None,) * 7
+
+
+# --- chunk sizing ------------------------------------------------------------------------
+
+
+def _default_budget(device: torch.device) -> int:
+    """Bytes a chunk's working set may take when the caller gives no budget."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int((free + cached) * CUDA_FREE_FRACTION)
+    return CPU_MEMORY_BUDGET
+
+
+def _chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget, device) -> int:
+    """Rows per chunk: ``chunk_size`` and ``memory_budget`` each cap it; with neither, the
+    device's default budget does. The budget covers the chunk's logits-sized buffers."""
+    if chunk_size is None and memory_budget is None:
+        memory_budget = _default_budget(device)
+    rows = max(n_rows, 1)
+    if memory_budget is not None:
+        per_elem = (
+            KERNEL_ROW_FLOATS
+            if backend in _backends.KERNEL_BACKENDS
+            else _reference_rows.REFERENCE_ROW_FLOATS
+        )
+        per_row = V * per_elem * torch.finfo(logits_dtype).bits // 8
+        rows = min(rows, max(memory_budget // per_row, 1))
+        if rows >= 64:
+            rows -= rows % 64  # whole tiles for the matmuls
+    if chunk_size is not None:
+        rows = min(rows, chunk_size)
+    return rows
+
+
+def fused_linear_kd(cfg: _Config, inputs: tuple, needs: tuple[bool, bool, bool]):
+    """Validated inputs (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
+    num_items) in, (loss, kd, ce) out; through autograd when ``needs`` asks for gradients of
+    (s_hidden, s_weight, s_bias)."""
+    if any(needs):
+        return _FusedLinearKD.apply(*inputs, cfg, needs)
+    loss, kd, ce, _ = _forward(cfg, inputs, needs)
+    return loss, kd, ce

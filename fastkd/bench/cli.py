@@ -1,0 +1,351 @@
+"""``python -m fastkd.bench``: the command line (options, defaults per device, the run)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import fnmatch
+import itertools
+import platform
+import sys
+import time
+
+import torch
+
+import fastkd
+
+from . import harness, implementations, measure, report
+from .cases import DTYPE_ALIASES, DTYPES, Case
+from .implementations import MODES
+
+# Default shapes: real ones on a GPU (design.md §3's floor example), small on a CPU so the
+# default run ends in about a minute on two cores, tiny with --quick (CI).
+DEFAULTS = {
+    "cuda": dict(tokens=[8192], vocab=[128256], dtype=["bfloat16"], hidden=4096),
+    "cpu": dict(tokens=[1024], vocab=[32000], dtype=["float32"], hidden=512),
+    "quick": dict(tokens=[64], vocab=[512], hidden=32),
+}
+
+EPILOG = """\
+examples:
+  python -m fastkd.bench                                   # defaults for this device
+  python -m fastkd.bench --divergence forward_kl,jsd --vocab 32000,128256,256000
+  python -m fastkd.bench --fused-linear --hidden 2048 --teacher-hidden 4096
+  python -m fastkd.bench --impl 'fastkd-*,torch-eager' --json out.json --plot out.png
+  python -m fastkd.bench --from-json a.json b.json --markdown out.md --plot out.png
+  python -m fastkd.bench --list                            # what runs here, and what not
+"""
+
+
+def _list(kind):
+    def parse(text: str):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return [kind(t) for t in items]
+
+    return parse
+
+
+def _size(text: str) -> int:
+    # No "32k" shorthand: 32k means 32000 for a vocabulary and 32768 for a row count.
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes are whole numbers, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be > 0, got {text!r}")
+    return value
+
+
+def _dtype(text: str) -> str:
+    name = DTYPE_ALIASES.get(text, text)
+    if name not in DTYPES:
+        raise argparse.ArgumentTypeError(f"dtype must be one of {sorted(DTYPES)}, got {text!r}")
+    return name
+
+
+def _mode(text: str) -> str:
+    if text not in MODES:
+        raise argparse.ArgumentTypeError(f"mode must be one of {list(MODES)}, got {text!r}")
+    return text
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m fastkd.bench",
+        description="Time and check fastkd's distillation losses against plain PyTorch (eager "
+        "and torch.compile) and Liger-Kernel on this machine. Lists are comma-separated.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--divergence",
+        type=_list(str),
+        default=["forward_kl"],
+        help="divergences (default forward_kl)",
+    )
+    p.add_argument("--tokens", "-N", type=_list(_size), help="rows N (default: per device)")
+    p.add_argument("--vocab", "-V", type=_list(_size), help="vocabulary sizes V")
+    p.add_argument("--dtype", type=_list(_dtype), help="float32, bfloat16, float16")
+    p.add_argument("--temperature", type=float, default=1.0, help="T (default 1; T^2 on)")
+    p.add_argument("--beta", type=float, default=0.5, help="jsd weight (default 0.5)")
+    p.add_argument("--alpha", type=float, default=0.1, help="skew KL weight (default 0.1)")
+    p.add_argument(
+        "--sweep",
+        choices=("grid", "star"),
+        default="grid",
+        help="grid: every N with every V; star: every V at the first N, every N at the first V",
+    )
+    p.add_argument(
+        "--mode", type=_list(_mode), default=list(MODES), help="fwd+bwd and/or fwd (default both)"
+    )
+    p.add_argument(
+        "--impl",
+        type=_list(str),
+        help="implementations to run: names or shell patterns ('fastkd-*')",
+    )
+    p.add_argument(
+        "--fused-linear",
+        action="store_true",
+        help="FusedLinearKDLoss from hidden states and LM-head weights",
+    )
+    p.add_argument("--hidden", type=_size, help="student hidden size H (with --fused-linear)")
+    p.add_argument("--teacher-hidden", type=_size, help="teacher hidden size (default H)")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI)")
+    p.add_argument("--seed", type=int, default=0, help="random inputs' seed")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        metavar="SECONDS",
+        help="stop starting new measurements after this long; the rest are "
+        "reported as skipped (the run still writes its table and files)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write every result as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write the table as a markdown page")
+    p.add_argument(
+        "--plot", metavar="PATH", help="time and peak memory vs V and vs N (needs matplotlib)"
+    )
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        metavar="JSON",
+        help="no run: report, merge and plot earlier --json files",
+    )
+    p.add_argument("--list", action="store_true", help="list implementations and exit")
+    return p
+
+
+def _device(args) -> str:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _cases(args, device: str) -> list[Case]:
+    defaults = dict(DEFAULTS[device])
+    if args.quick:
+        defaults.update(DEFAULTS["quick"])
+    tokens = args.tokens or defaults["tokens"]
+    vocab = args.vocab or defaults["vocab"]
+    dtypes = args.dtype or defaults["dtype"]
+    hidden = args.hidden or defaults["hidden"]
+    teacher_hidden = args.teacher_hidden or hidden
+    if args.sweep == "grid":
+        shapes = list(itertools.product(tokens, vocab))
+    else:
+        shapes = [(tokens[0], v) for v in vocab] + [(n, vocab[0]) for n in tokens[1:]]
+    for name in args.divergence:
+        if name not in fastkd.DIVERGENCES:
+            raise SystemExit(
+                f"error: --divergence must name one of {sorted(fastkd.DIVERGENCES)}, got {name!r}"
+            )
+    # Shapes outermost: under --time-limit the first shape is measured for every divergence.
+    return [
+        Case(
+            divergence=div,
+            tokens=n,
+            vocab=v,
+            dtype=dtype,
+            device=device,
+            temperature=args.temperature,
+            beta=args.beta,
+            alpha=args.alpha,
+            fused_linear=args.fused_linear,
+            hidden=hidden if args.fused_linear else 0,
+            teacher_hidden=teacher_hidden if args.fused_linear else 0,
+        )
+        for n, v in shapes
+        for dtype in dtypes
+        for div in args.divergence
+    ]
+
+
+def _selected(cands, patterns):
+    if not patterns:
+        return cands
+    return [c for c in cands if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
+
+
+def _device_name(device: str) -> str:
+    if device == "cuda":
+        return f"cuda: {torch.cuda.get_device_name()}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model} ({torch.get_num_threads()} threads)"
+
+
+def _versions() -> dict:
+    out = {"fastkd": fastkd.__version__, "torch": torch.__version__}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    out["liger_kernel"] = implementations.liger_version()
+    return out
+
+
+def _meta(args, device: str, argv: list[str], ceilings: harness.Ceilings) -> dict:
+    meta = {
+        "device": device,
+        "device_name": _device_name(device),
+        **_versions(),
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m fastkd.bench", *argv]),
+        "triton_interpret": implementations.interpreting(),
+        "copy_GBps": ceilings.copy_bytes_per_s / 1e9,
+        "matmul_TFLOPs": {k: v / 1e12 for k, v in ceilings.matmul_flops_per_s.items()},
+        "timing_plan": vars(measure.plan_for(device, args.quick)),
+        "tolerances": {
+            f"{'fused' if k[0] else 'logits'}/{k[1]}": v for k, v in harness.TOLERANCES.items()
+        },
+    }
+    return meta
+
+
+def _progress_bar(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a nicety; the run does not need it
+        return None
+    # disable=None: shown on a terminal, silent in logs and pipes.
+    return tqdm(total=total, disable=None, unit="run", dynamic_ncols=True, file=sys.stderr)
+
+
+def _emit(args, meta: dict, results: list[harness.Result]) -> None:
+    for kind in report.by_kind(results):
+        print(report.title(meta, kind))
+        print(report.text_table(kind))
+        print()
+    print(report.LEGEND)
+    if args.json:
+        report.write_json(args.json, meta, results)
+        print(f"wrote {args.json}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown_report(meta, results))
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        from . import plot
+
+        try:
+            for path in plot.plot(results, args.plot, meta.get("device_name", "")):
+                print(f"wrote {path}")
+        except ImportError:
+            print("--plot needs matplotlib (pip install matplotlib); no plot written")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    if args.from_json:
+        meta, results = report.read_json(args.from_json)
+        harness.add_speedups(results)
+        _emit(args, meta, results)
+        return 0
+
+    device = _device(args)
+    all_cases = _cases(args, device)
+    modes = tuple(m for m in MODES if m in args.mode)
+
+    if args.list:
+        for case in all_cases[:1]:
+            for c in _selected(implementations.candidates(case), args.impl):
+                state = "runs" if c.skip is None else f"skipped: {c.skip}"
+                print(f"{c.name:28s} {state}" + (f" ({c.note})" if c.note else ""))
+        return 0
+
+    deadline = None if args.time_limit is None else time.monotonic() + args.time_limit
+    torch.manual_seed(args.seed)
+    ceilings = harness.Ceilings(measure.copy_bandwidth(device, args.quick))
+    if args.fused_linear:
+        for dtype in dict.fromkeys(c.dtype for c in all_cases):
+            ceilings.matmul_flops_per_s[dtype] = measure.matmul_rate(
+                device, DTYPES[dtype], args.quick
+            )
+    plan = measure.plan_for(device, args.quick)
+
+    plans = []
+    for case in all_cases:
+        cands = _selected(implementations.candidates(case), args.impl)
+        chosen = [c for c in cands if c.skip is None]
+        skipped = [c for c in cands if c.skip is not None]
+        plans.append((case, chosen, skipped))
+    total = sum(len([m for m in modes if m in c.modes]) for _, chosen, _ in plans for c in chosen)
+    bar = _progress_bar(total)
+
+    results: list[harness.Result] = []
+    for case, chosen, skipped in plans:
+
+        def progress(label: str, case=case) -> None:
+            if bar is not None:
+                bar.set_description(f"N={case.tokens} V={case.vocab} {label}")
+                bar.update(0)
+
+        def advance(results_so_far=results) -> None:
+            if bar is not None:
+                bar.update(1)
+
+        case_results = harness.run_case(
+            case,
+            chosen,
+            skipped,
+            modes,
+            plan,
+            ceilings,
+            args.seed,
+            progress=_stepper(progress, advance),
+            deadline=deadline,
+        )
+        results += case_results
+    if bar is not None:
+        bar.update(bar.total - bar.n)
+        bar.close()
+    harness.add_speedups(results)
+    _emit(args, _meta(args, device, argv, ceilings), results)
+    return 0
+
+
+def _stepper(describe, advance):
+    """Progress callback: each new label first advances past the previous pair."""
+    state = {"started": False}
+
+    def step(label: str) -> None:
+        if state["started"]:
+            advance()
+        state["started"] = True
+        describe(label)
+
+    return step
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

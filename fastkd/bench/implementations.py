@@ -1,0 +1,309 @@
+"""Everything the benchmark compares, and why a candidate is skipped on this machine.
+
+- ``fastkd-<backend>``: :func:`fastkd.kd_loss` (or ``fastkd.FusedLinearKDLoss``) with each
+  backend that :mod:`fastkd._backends` knows and reports available on the device, so a new
+  backend shows up here without edits. ``fastkd-<backend>-inplace`` is the same kernel with
+  ``inplace_backward=True`` (forward+backward only: without a backward it is the same call).
+- ``torch-eager`` / ``torch-compile``: :mod:`fastkd.bench.formulas`, plain and compiled.
+- ``liger``: Liger-Kernel's JSD / KL-divergence entry points on log-probs, as its API wants
+  (``liger_kl_div`` for forward_kl; ``liger_jsd`` for jsd, with beta=1 for reverse_kl).
+  Fused linear: ``liger-fused`` is its Triton ``LigerFusedLinearJSD`` and ``liger-chunked``
+  its chunked ``LigerFusedLinearJSDLoss`` (torch ops, runs anywhere), beta=0 giving
+  forward_kl and beta=1 reverse_kl in both. Liger has no T^2 factor: its loss is multiplied
+  by T^2 so that all rows compute the same number.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import inspect
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import fastkd
+from fastkd import _backends
+
+from . import formulas
+from .cases import Case
+
+FWD_BWD = "fwd+bwd"
+FWD = "fwd"
+MODES = (FWD_BWD, FWD)
+
+LossFn = Callable[..., torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One implementation. ``skip`` says why it can't run here (None: it can)."""
+
+    name: str
+    family: str  # "fastkd", "torch" or "liger"
+    build: Callable[[Case], LossFn] | None
+    skip: str | None = None
+    note: str = ""
+    modes: tuple[str, ...] = MODES
+    # The call overwrites its gradient arguments (inplace_backward): refill them before
+    # each timed call, outside the clock.
+    overwrites_inputs: bool = False
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def liger_version() -> str | None:
+    if importlib.util.find_spec("liger_kernel") is None:
+        return None
+    try:
+        return importlib.metadata.version("liger-kernel")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def candidates(case: Case) -> list[Candidate]:
+    """Every implementation, runnable or with the reason it is skipped, for one case."""
+    out = _fastkd_candidates(case)
+    out += [
+        Candidate("torch-eager", "torch", _eager),
+        Candidate("torch-compile", "torch", _compiled, note="torch.compile defaults"),
+    ]
+    out += _liger_candidates(case)
+    return out
+
+
+def _options(case: Case) -> dict:
+    return dict(
+        divergence=case.divergence,
+        temperature=case.temperature,
+        beta=case.beta,
+        alpha=case.alpha,
+    )
+
+
+# --- fastkd ---------------------------------------------------------------------------------
+
+
+def _backend_status(backend: str, case: Case) -> tuple[str | None, str]:
+    """(why it is skipped or None, a note for the table)."""
+    device = torch.device(case.device)
+    ok, why = _backends.is_available(backend, device)
+    if backend == "triton" and device.type == "cpu":
+        if not ok:
+            return (
+                "Triton on CPU runs only in its interpreter (TRITON_INTERPRET=1), which is "
+                "not a speed path; skipped by default",
+                "",
+            )
+        return None, "Triton interpreter: not a speed path"
+    if not ok:
+        return why, ""
+    try:
+        auto = _backends.resolve("auto", device, case.torch_dtype)
+    except ValueError:
+        auto = None
+    notes = ["auto"] if auto == backend else []
+    if backend == "torch":
+        notes.append("the reference under autograd, not a speed path")
+    return None, "; ".join(notes)
+
+
+def _fastkd_candidates(case: Case) -> list[Candidate]:
+    backends = [b for b in _backends.BACKENDS if b != "auto"]
+    if case.fused_linear:
+        return _fastkd_fused_candidates(case, backends)
+    out = []
+    for backend in backends:
+        skip, note = _backend_status(backend, case)
+        build = _fastkd_logits(backend, False)
+        out.append(Candidate(f"fastkd-{backend}", "fastkd", build, skip, note))
+        if backend in _backends.KERNEL_BACKENDS:
+            out.append(
+                Candidate(
+                    f"fastkd-{backend}-inplace",
+                    "fastkd",
+                    _fastkd_logits(backend, True),
+                    skip,
+                    "gradient written over the student logits",
+                    modes=(FWD_BWD,),
+                    overwrites_inputs=True,
+                )
+            )
+    return out
+
+
+def _fastkd_logits(backend: str, inplace: bool) -> Callable[[Case], LossFn]:
+    def build(case: Case) -> LossFn:
+        options = _options(case)
+
+        def loss(student, teacher):
+            return fastkd.kd_loss(
+                student, teacher, backend=backend, inplace_backward=inplace, **options
+            )
+
+        return loss
+
+    return build
+
+
+def _fastkd_fused_candidates(case: Case, backends: list[str]) -> list[Candidate]:
+    cls = getattr(fastkd, "FusedLinearKDLoss", None)
+    if cls is None:
+        why = "not available: this fastkd has no FusedLinearKDLoss"
+        return [Candidate("fastkd", "fastkd", None, why)]
+    params = inspect.signature(cls).parameters
+    if "backend" not in params:
+        return [Candidate("fastkd", "fastkd", _fastkd_fused(cls, None))]
+    out = []
+    for backend in backends:
+        skip, note = _backend_status(backend, case)
+        build = _fastkd_fused(cls, backend)
+        out.append(Candidate(f"fastkd-{backend}", "fastkd", build, skip, note))
+    return out
+
+
+def _fastkd_fused(cls, backend: str | None) -> Callable[[Case], LossFn]:
+    def build(case: Case) -> LossFn:
+        params = inspect.signature(cls).parameters
+        options = {k: v for k, v in _options(case).items() if k in params}
+        if backend is not None:
+            options["backend"] = backend
+        module = cls(**options)
+
+        def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
+            return module(student_hidden, student_weight, teacher_hidden, teacher_weight)
+
+        return loss
+
+    return build
+
+
+# --- plain PyTorch --------------------------------------------------------------------------
+
+
+def _formula(case: Case) -> LossFn:
+    options = _options(case)
+    base = formulas.fused_linear_formula if case.fused_linear else formulas.kd_formula
+
+    def loss(*args):
+        return base(*args, **options)
+
+    return loss
+
+
+def _eager(case: Case) -> LossFn:
+    return _formula(case)
+
+
+# One compiled function per loss configuration, kept across shapes: torch.compile's default
+# (automatic dynamic shapes) then serves a sweep with two compilations instead of one per
+# shape, as it would in a training loop whose sequence lengths vary.
+_COMPILED: dict[tuple, LossFn] = {}
+
+
+def _compiled(case: Case) -> LossFn:
+    key = (case.fused_linear, case.divergence, case.temperature, case.beta, case.alpha)
+    if key not in _COMPILED:
+        _raise_recompile_limit()
+        _COMPILED[key] = torch.compile(_formula(case))
+    return _COMPILED[key]
+
+
+def _raise_recompile_limit() -> None:
+    # Every configuration compiles the same Python code object; past the default limit of 8
+    # cache entries per code object torch.compile would silently fall back to eager.
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), 256))
+
+
+# --- Liger-Kernel -----------------------------------------------------------------------------
+
+# fastkd divergence -> Liger's JSD beta (its JSD is forward KL at beta=0, reverse KL at 1).
+_LIGER_BETA = {"forward_kl": 0.0, "reverse_kl": 1.0}
+
+
+def _liger_beta(case: Case) -> float | None:
+    if case.divergence == "jsd":
+        return case.beta
+    return _LIGER_BETA.get(case.divergence)
+
+
+def _liger_candidates(case: Case) -> list[Candidate]:
+    version = liger_version()
+    names = ["liger-fused", "liger-chunked"] if case.fused_linear else ["liger"]
+    if version is None:
+        return [Candidate(n, "liger", None, "liger-kernel is not installed") for n in names]
+    note = f"liger-kernel {version}"
+    beta = _liger_beta(case)
+    unsupported = f"Liger-Kernel has no {case.divergence} loss" if beta is None else None
+    triton_skip = None
+    if case.device == "cpu" and not interpreting():
+        triton_skip = "Liger's Triton kernels run on CPU only under TRITON_INTERPRET=1"
+    if not case.fused_linear:
+        return [Candidate("liger", "liger", _liger_logits, unsupported or triton_skip, note)]
+    return [
+        Candidate("liger-fused", "liger", _liger_fused, unsupported or triton_skip, note),
+        Candidate("liger-chunked", "liger", _liger_chunked, unsupported, note),
+    ]
+
+
+def _t2(case: Case) -> float:
+    return case.temperature**2
+
+
+def _liger_logits(case: Case) -> LossFn:
+    from liger_kernel.transformers.functional import liger_jsd, liger_kl_div
+
+    T, t2 = case.temperature, _t2(case)
+    beta = _liger_beta(case)
+
+    def loss(student, teacher):
+        log_q = F.log_softmax(student / T, dim=-1)
+        log_p = F.log_softmax(teacher / T, dim=-1)
+        if case.divergence == "forward_kl":
+            out = liger_kl_div(log_q, log_p, reduction="batchmean", log_target=True)
+        else:
+            out = liger_jsd(log_q, log_p, None, beta)
+        return out * t2
+
+    return loss
+
+
+def _liger_fused(case: Case) -> LossFn:
+    from liger_kernel.transformers.functional import liger_fused_linear_jsd
+
+    beta, T, t2 = _liger_beta(case), case.temperature, _t2(case)
+
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        out = liger_fused_linear_jsd(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, None, beta, -100, T
+        )
+        return out * t2
+
+    return loss
+
+
+def _liger_chunked(case: Case) -> LossFn:
+    from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+    module = LigerFusedLinearJSDLoss(
+        weight_hard_loss=0.0,
+        weight_soft_loss=1.0,
+        beta=_liger_beta(case),
+        temperature=case.temperature,
+    )
+    # It needs labels to count the tokens; none is ignored.
+    labels = torch.zeros(case.tokens, dtype=torch.long, device=case.device)
+    t2 = _t2(case)
+
+    def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
+        return module(student_hidden, student_weight, teacher_hidden, teacher_weight, labels) * t2
+
+    return loss

@@ -1,0 +1,285 @@
+"""The public fused-linear loss: :class:`FusedLinearKDLoss` and :func:`fused_linear_kd_loss`.
+
+KDLoss from hidden states and LM-head weights, never holding the N x V logits (design.md §3
+"Fused linear"). This module checks the arguments (KDLoss's checks from ``losses``, plus the
+hidden/weight/bias ones here), applies autocast as nn.Linear would, and hands over to the
+chunk loop in ``_fused_linear_ops``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import _backends
+from ._fused_linear_ops import _chunk_rows, _Config, _wide, fused_linear_kd
+from .losses import (
+    KDLossOutput,
+    _check_ce_labels,
+    _check_labels_for,
+    _check_num_items,
+    _check_options,
+)
+
+
+def _check_head(which: str, hidden, weight, bias) -> None:
+    """One model's (hidden, weight, bias): types and shapes; dtypes are checked later,
+    after autocast has had its say."""
+    names = (f"{which}_hidden", f"{which}_weight", f"{which}_bias")
+    for name, x in zip(names, (hidden, weight, bias), strict=True):
+        if x is None and name.endswith("_bias"):
+            continue
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if hidden.dim() == 0:
+        raise ValueError(f"{names[0]} must have a hidden dimension, got a 0-d tensor")
+    if weight.dim() != 2:
+        raise ValueError(f"{names[1]} must be (V, H), got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{names[1]} has hidden size {weight.shape[1]} (dim 1) but {names[0]} has "
+            f"{hidden.shape[-1]} (last dim)"
+        )
+    for name, x in zip(names[1:], (weight, bias), strict=True):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(
+                f"{name} must be on {names[0]}'s device {hidden.device}, got {x.device}"
+            )
+
+
+def _check_bias(which: str, weight, bias) -> None:
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(
+            f"{which}_bias must have shape ({weight.shape[0]},) (the vocabulary of "
+            f"{which}_weight), got {tuple(bias.shape)}"
+        )
+
+
+def _check_head_dtypes(which: str, hidden, weight, bias) -> None:
+    # nn.Linear's rule: the input, weight and bias share a dtype (outside autocast).
+    for name, x in ((f"{which}_weight", weight), (f"{which}_bias", bias)):
+        if x is not None and x.dtype != hidden.dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but {which}_hidden has {hidden.dtype}; they must "
+                "match, as for nn.Linear (or run under torch.autocast)"
+            )
+
+
+def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
+    if s_weight.shape[0] != t_weight.shape[0]:
+        raise ValueError(
+            f"student_weight and teacher_weight must share the vocabulary size (dim 0), got "
+            f"{s_weight.shape[0]} and {t_weight.shape[0]}"
+        )
+    if s_weight.shape[0] == 0:
+        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    if s_hidden.shape[:-1] != t_hidden.shape[:-1]:
+        raise ValueError(
+            f"student_hidden and teacher_hidden must have the same leading shape (one row per "
+            f"token), got {tuple(s_hidden.shape)} and {tuple(t_hidden.shape)}"
+        )
+    if s_hidden.device != t_hidden.device:
+        raise ValueError(
+            f"student_hidden and teacher_hidden must be on one device, got {s_hidden.device} "
+            f"and {t_hidden.device}"
+        )
+
+
+def _check_chunking(chunk_size, memory_budget) -> None:
+    for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+
+
+def _autocast_cast(device: torch.device, tensors: tuple) -> tuple:
+    """nn.Linear under autocast: floating inputs (not float64) cast to the autocast dtype."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(x.to(dtype) if x is not None and x.dtype != torch.float64 else x for x in tensors)
+
+
+# A Python loop over data-dependent chunks: torch.compile runs it eagerly (a graph break)
+# rather than tracing it.
+@torch.compiler.disable
+def fused_linear_kd_loss(
+    student_hidden: Tensor,
+    student_weight: Tensor,
+    teacher_hidden: Tensor,
+    teacher_weight: Tensor,
+    labels: Tensor | None = None,
+    student_bias: Tensor | None = None,
+    teacher_bias: Tensor | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    softcap: float | None = None,
+    scale_by_temperature_squared: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    memory_budget: int | None = None,
+    backend: str = "auto",
+    return_components: bool = False,
+) -> Tensor | KDLossOutput:
+    """KDLoss on ``hidden @ weight.T (+ bias)`` of both models, without the N x V logits.
+
+    Equals ``fastkd.kd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden
+    @ teacher_weight.T + teacher_bias, labels, ...)`` in value and gradients (for the student
+    hidden states, weight and bias; the teacher is constant). See :class:`FusedLinearKDLoss`.
+    """
+    param = _check_options(
+        divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight, ignore_index,
+        reduction, backend,
+    )  # fmt: skip
+    _check_chunking(chunk_size, memory_budget)
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    _check_bias("student", student_weight, student_bias)
+    _check_bias("teacher", teacher_weight, teacher_bias)
+    device = student_hidden.device
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = _autocast_cast(
+        device,
+        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+         teacher_bias),
+    )  # fmt: skip
+    _check_head_dtypes("student", s_hidden, s_weight, s_bias)
+    _check_head_dtypes("teacher", t_hidden, t_weight, t_bias)
+    V = s_weight.shape[0]
+    _check_labels_for(labels, s_hidden.shape[:-1], V, device, ignore_index)
+    _check_ce_labels(ce_weight, labels)
+    num_items = _check_num_items(num_items_in_batch, device)
+    logits_dtype = torch.promote_types(_wide(s_hidden.dtype), _wide(t_hidden.dtype))
+    chosen = _backends.resolve(backend, device, logits_dtype)
+    n_rows = s_hidden.numel() // s_hidden.shape[-1] if s_hidden.shape[-1] else 0
+    cfg = _Config(
+        divergence, float(temperature), param, softcap, bool(scale_by_temperature_squared),
+        float(kd_weight), float(ce_weight), int(ignore_index), reduction, chosen,
+        _chunk_rows(n_rows, V, logits_dtype, chosen, chunk_size, memory_budget, device),
+    )  # fmt: skip
+    teacher = tuple(None if x is None else x.detach() for x in (t_hidden, t_weight, t_bias))
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(
+        grad_on and x is not None and x.requires_grad for x in (s_hidden, s_weight, s_bias)
+    )
+    loss, kd, ce = fused_linear_kd(
+        cfg, (s_hidden, s_weight, s_bias, *teacher, labels, num_items), needs
+    )
+    if return_components:
+        return KDLossOutput(loss, kd.detach(), ce.detach() if ce_weight != 0 else None)
+    return loss
+
+
+class FusedLinearKDLoss(nn.Module):
+    """KDLoss from hidden states and LM-head weights: the logits are never held whole.
+
+    ``FusedLinearKDLoss(**opts)(h_s, W_s, h_t, W_t, labels)`` equals
+    ``KDLoss(**opts)(h_s @ W_s.T, h_t @ W_t.T, labels)`` in value and in the gradients for
+    ``h_s`` and ``W_s`` (and ``student_bias``); the teacher's tensors are constants. Rows go
+    through in chunks: per chunk the student's and teacher's logits are computed with float32
+    accumulation into float32, the row kernel turns the student's into their gradient in
+    place, and grad_hidden / grad_weight (float32 accumulator) are taken from it.
+
+    Args:
+        divergence, temperature, beta, alpha, softcap, scale_by_temperature_squared,
+        kd_weight, ce_weight, ignore_index, reduction, backend: exactly as for
+            :class:`fastkd.KDLoss` (``backend="auto"``: the Triton kernel on CUDA; on CPU the
+            C++ kernel once built, else the reference chunk by chunk).
+        chunk_size: at most this many rows (tokens) per chunk.
+        memory_budget: bytes a chunk's logits-sized buffers may take (both models' logits,
+            in float32); sets the chunk's rows. With neither option, the budget is a quarter
+            of the free CUDA memory, or 256 MiB on CPU.
+
+    Forward: ``(student_hidden (..., H_s), student_weight (V, H_s), teacher_hidden
+    (..., H_t), teacher_weight (V, H_t), labels=None, student_bias=None, teacher_bias=None,
+    num_items_in_batch=None, *, return_components=False)``. H_s and H_t may differ; V must
+    match. Hidden, weight and bias of one model share a dtype (as for nn.Linear); under
+    torch.autocast they are cast like nn.Linear's. KDLoss's ``inplace_backward`` has no
+    counterpart: the chunk's logits are always overwritten by their gradient.
+
+    Memory beyond the inputs: grad_hidden, a float32 grad_weight accumulator (plus its cast
+    when the weight is bf16/fp16), one chunk's buffers, O(N) per-row losses; on CPU, bf16/fp16
+    weights are also upcast to float32 once per call. ``reduction="none"`` computes the
+    gradients in the backward (a per-row grad_output cannot be applied to grad_weight
+    afterwards), running the matmuls of the forward again.
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward_kl",
+        *,
+        temperature: float = 1.0,
+        beta: float = 0.5,
+        alpha: float = 0.1,
+        softcap: float | None = None,
+        scale_by_temperature_squared: bool = True,
+        kd_weight: float = 1.0,
+        ce_weight: float = 0.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        chunk_size: int | None = None,
+        memory_budget: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        _check_options(
+            divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight,
+            ignore_index, reduction, backend,
+        )  # fmt: skip
+        _check_chunking(chunk_size, memory_budget)
+        self.options = dict(
+            divergence=divergence,
+            temperature=temperature,
+            beta=beta,
+            alpha=alpha,
+            softcap=softcap,
+            scale_by_temperature_squared=scale_by_temperature_squared,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            backend=backend,
+        )
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        student_weight: Tensor,
+        teacher_hidden: Tensor,
+        teacher_weight: Tensor,
+        labels: Tensor | None = None,
+        student_bias: Tensor | None = None,
+        teacher_bias: Tensor | None = None,
+        num_items_in_batch: int | float | Tensor | None = None,
+        *,
+        return_components: bool = False,
+    ) -> Tensor | KDLossOutput:
+        return fused_linear_kd_loss(
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            labels,
+            student_bias,
+            teacher_bias,
+            num_items_in_batch,
+            return_components=return_components,
+            **self.options,
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())

@@ -1,0 +1,263 @@
+"""The benchmark harness and CLI (fastkd.bench): tiny sizes, CPU, a few seconds.
+
+The timings themselves are not asserted (they are the benchmark's output, not a test
+oracle); what is asserted is that every field is there and consistent, that the floors are
+the design.md §3 byte counts, and that a wrong implementation is caught before timing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastkd.bench import cli, harness, measure, report
+from fastkd.bench.cases import Case
+from fastkd.bench.formulas import fused_linear_formula, kd_formula
+from fastkd.bench.implementations import FWD, FWD_BWD, Candidate, candidates
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_PLAN = measure.TimingPlan(0.0, 0, 0.0, 2, 2)
+OPTIONS = dict(divergence="forward_kl", temperature=2.0, beta=0.5, alpha=0.1)
+
+
+def _case(tokens=300, vocab=96, **kw) -> Case:
+    # 300 rows > the check's period of 251: the periodic check inputs wrap around.
+    return Case(tokens=tokens, vocab=vocab, dtype="float32", device="cpu", **OPTIONS, **kw)
+
+
+def _run(case: Case, cands: list[Candidate], modes=(FWD_BWD, FWD), deadline=None):
+    ceilings = harness.Ceilings(copy_bytes_per_s=1e10)
+    return harness.run_case(case, cands, [], modes, TINY_PLAN, ceilings, 0, deadline=deadline)
+
+
+# --- deliberately wrong implementations ------------------------------------------------
+
+
+class _GradTampered(torch.autograd.Function):
+    """The right loss; its gradient passed through ``tamper`` on the way back."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, tamper):
+        with torch.enable_grad():
+            s = student.detach().requires_grad_()
+            loss = kd_formula(s, teacher, **OPTIONS)
+            (grad,) = torch.autograd.grad(loss, s)
+        ctx.save_for_backward(tamper(grad))
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output, None, None
+
+
+def _candidate(name, fn) -> Candidate:
+    return Candidate(name, "test", lambda case: fn)
+
+
+def _zero_rows_past_period(grad):
+    out = grad.clone()
+    out[251:] = 0  # right on the first 251 rows, wrong after: caught only at full size
+    return out
+
+
+def _nan_column(grad):
+    return grad.index_fill(1, torch.tensor([3]), math.nan)
+
+
+def _raise(exc):
+    def fn(student, teacher):
+        raise exc
+
+    return fn
+
+
+def test_harness_catches_wrong_results_and_keeps_going():
+    right = _candidate("right", lambda s, t: kd_formula(s, t, **OPTIONS))
+    wrong_loss = _candidate("wrong-loss", lambda s, t: kd_formula(s, t, **OPTIONS) * 1.001)
+    wrong_grad = _candidate(
+        "wrong-grad", lambda s, t: _GradTampered.apply(s, t, lambda g: g * 1.01)
+    )
+    wrong_rows = _candidate(
+        "wrong-rows", lambda s, t: _GradTampered.apply(s, t, _zero_rows_past_period)
+    )
+    nan_grad = _candidate("nan-grad", lambda s, t: _GradTampered.apply(s, t, _nan_column))
+    oom = _candidate("oom", _raise(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate")))
+    broken = _candidate("broken", _raise(RuntimeError("kernel exploded")))
+    cands = [right, wrong_loss, wrong_grad, wrong_rows, nan_grad, oom, broken]
+
+    results = {(r.implementation, r.mode): r for r in _run(_case(), cands)}
+
+    assert results["right", FWD_BWD].status == "ok"
+    assert results["right", FWD_BWD].grad_rel_err < 1e-6
+    assert results["right", FWD].status == "ok"
+    assert results["wrong-loss", FWD_BWD].status == "wrong"
+    assert results["wrong-loss", FWD].status == "wrong"
+    # The right loss with a wrong gradient: only the backward check can see it.
+    assert results["wrong-grad", FWD].status == "ok"
+    assert results["wrong-grad", FWD_BWD].status == "wrong"
+    assert 5e-3 < results["wrong-grad", FWD_BWD].grad_rel_err < 2e-2
+    assert results["wrong-rows", FWD_BWD].status == "wrong"
+    assert results["nan-grad", FWD_BWD].status == "wrong"
+    assert results["nan-grad", FWD_BWD].grad_rel_err == math.inf
+    for name in ("wrong-loss", "wrong-grad", "wrong-rows", "nan-grad"):
+        r = results[name, FWD_BWD]
+        assert r.median_ms is None and r.reps == 0, "a wrong implementation must not be timed"
+        assert r.reason.startswith("check failed")
+    assert results["oom", FWD_BWD].status == "OOM"
+    assert results["broken", FWD].status == "error"
+    assert "kernel exploded" in results["broken", FWD].reason
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the gradient scaled on the way back."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def test_harness_checks_the_weight_gradient_of_fused_linear():
+    fused = dict(fused_linear=True, hidden=16, teacher_hidden=24)
+    case = _case(tokens=300, vocab=64, **fused)
+
+    def right(hs, ws, ht, wt):
+        return fused_linear_formula(hs, ws, ht, wt, **OPTIONS)
+
+    def wrong_weight_grad(hs, ws, ht, wt):
+        return fused_linear_formula(hs, _ScaleGrad.apply(ws, 1.01), ht, wt, **OPTIONS)
+
+    cands = [_candidate("right", right), _candidate("wrong-weight", wrong_weight_grad)]
+    results = {(r.implementation, r.mode): r for r in _run(case, cands, modes=(FWD_BWD,))}
+    assert results["right", FWD_BWD].status == "ok"
+    assert results["right", FWD_BWD].grad_rel_err < 1e-5
+    assert results["wrong-weight", FWD_BWD].status == "wrong"
+    assert 5e-3 < results["wrong-weight", FWD_BWD].grad_rel_err < 2e-2
+
+
+def test_time_limit_skips_the_rest():
+    right = _candidate("right", lambda s, t: kd_formula(s, t, **OPTIONS))
+    results = _run(_case(), [right], deadline=time.monotonic() - 1)
+    assert [r.status for r in results] == ["skipped", "skipped"]
+    assert all(r.reason == "time limit reached" for r in results)
+
+
+def test_floors_are_the_design_byte_counts():
+    case = Case("forward_kl", 8192, 128256, "bfloat16", "cpu")
+    result = harness._result(case, _candidate("x", None), FWD_BWD, "ok", median_ms=2.0)
+    harness.add_floors(result, case, harness.Ceilings(copy_bytes_per_s=4.3e12))
+    assert result.floor_bytes == 6 * 8192 * 128256  # design.md §3: 6.3 GB, 1.47 ms
+    assert result.floor_ms == pytest.approx(1.466, abs=1e-3)
+    assert result.pct_of_floor == pytest.approx(100 * result.floor_ms / 2.0)
+    assert result.achieved_GBps == pytest.approx(6 * 8192 * 128256 / 2e-3 / 1e9)
+
+
+def test_triton_on_cpu_is_skipped_with_a_reason_unless_interpreting(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    by_name = {c.name: c for c in candidates(_case())}
+    assert "fastkd-torch" in by_name and by_name["fastkd-torch"].skip is None
+    assert "TRITON_INTERPRET" in by_name["fastkd-triton"].skip
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    by_name = {c.name: c for c in candidates(_case())}
+    assert by_name["fastkd-triton"].skip is None
+    assert "interpreter" in by_name["fastkd-triton"].note
+
+
+def _bench(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # One thread: on a tiny case two threads only add wake-up latency.
+    env["OMP_NUM_THREADS"] = "1"
+    return subprocess.run(
+        [sys.executable, "-m", "fastkd.bench", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_cli_quick_run_writes_a_complete_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--quick", "--device", "cpu", "--impl", "fastkd-torch,torch-eager", "--json"]
+    proc = _bench(*args, str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "implementation" in proc.stdout and "torch-eager" in proc.stdout
+
+    data = json.loads(out.read_text())
+    meta = data["meta"]
+    assert meta["device"] == "cpu" and meta["copy_GBps"] > 0
+    for key in ("device_name", "torch", "fastkd", "date", "command", "timing_plan"):
+        assert meta[key]
+    rows = {(r["implementation"], r["mode"]): r for r in data["results"]}
+    assert set(rows) == {(i, m) for i in ("fastkd-torch", "torch-eager") for m in (FWD_BWD, FWD)}
+    N, V = cli.DEFAULTS["quick"]["tokens"][0], cli.DEFAULTS["quick"]["vocab"][0]
+    for (impl, mode), r in rows.items():
+        assert r["status"] == "ok", r
+        assert (r["tokens"], r["vocab"], r["dtype"]) == (N, V, "float32")
+        assert r["reps"] >= 3
+        assert 0 < r["min_ms"] <= r["p25_ms"] <= r["median_ms"] <= r["p75_ms"] <= r["max_ms"]
+        assert r["spread_pct"] >= 0
+        assert r["floor_bytes"] == (3 if mode == FWD_BWD else 2) * N * V * 4
+        assert r["achieved_GBps"] == pytest.approx(r["floor_bytes"] / r["median_ms"] / 1e6)
+        assert r["pct_of_floor"] == pytest.approx(100 * r["floor_ms"] / r["median_ms"])
+        assert r["peak_mem_bytes"] is None or r["peak_mem_bytes"] >= 0
+        assert r["loss_rel_err"] <= 1e-4
+        assert (r["grad_rel_err"] is not None) == (mode == FWD_BWD)
+        eager = rows["torch-eager", mode]["median_ms"]
+        assert r["speedup_vs_eager"] == pytest.approx(eager / r["median_ms"])
+
+
+def test_report_from_json_table_markdown_and_plot(tmp_path, capsys):
+    right = _candidate("right", lambda s, t: kd_formula(s, t, **OPTIONS))
+    eager = Candidate("torch-eager", "torch", lambda case: lambda s, t: kd_formula(s, t, **OPTIONS))
+    results = []
+    for vocab in (64, 128):
+        results += _run(_case(tokens=32, vocab=vocab), [right, eager], modes=(FWD_BWD,))
+    path = tmp_path / "r.json"
+    report.write_json(str(path), {"device_name": "test cpu"}, results)
+
+    args = ["--from-json", str(path), "--markdown", str(tmp_path / "r.md")]
+    try:
+        import matplotlib  # noqa: F401
+
+        args += ["--plot", str(tmp_path / "r.png")]
+    except ImportError:
+        print("matplotlib is not installed: the plot part of this test is not run")
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "right" in printed and "1.00x" in printed
+    markdown = (tmp_path / "r.md").read_text()
+    assert "| V | implementation | mode |" in markdown
+    if "--plot" in args:
+        assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_fused_linear_quick_reports_fastkd_or_says_not_available(capsys):
+    args = (
+        "--quick --device cpu --fused-linear --mode fwd+bwd --impl fastkd,fastkd-torch,torch-eager"
+    )
+    assert cli.main(args.split()) == 0
+    printed = capsys.readouterr().out
+    import fastkd
+
+    if hasattr(fastkd, "FusedLinearKDLoss"):
+        assert "not available" not in printed
+    else:
+        assert "not available: this fastkd has no FusedLinearKDLoss" in printed
+    eager_row = next(line for line in printed.splitlines() if line.startswith("torch-eager"))
+    assert " ms " in eager_row
