@@ -180,7 +180,7 @@ def _extensions():
             )
         )
     print(
-        f"fastkd: building fastkd._C (op schemas, build_info) and CPU kernels for "
+        f"fastkd: building fastkd._C (the ops, build_info) and the CPU kernels for "
         f"{', '.join(isa for isa, _, _ in isas)}; {cuda_line}",
         flush=True,
     )

@@ -1,8 +1,8 @@
 """KDLoss forward + backward on CPU: fastkd's C++ kernel against the plain-PyTorch formula,
 eager and under torch.compile (issue 3's benchmark).
 
-    python benchmarks/bench_cpu_kernel.py                    # the issue's four cases
-    python benchmarks/bench_cpu_kernel.py --repeats 3 --cases 4096x32000 --no-memory
+    python benchmarks/cpu_kernel_vs_torch.py                    # the issue's four cases
+    python benchmarks/cpu_kernel_vs_torch.py --repeats 3 --cases 4096x32000 --no-memory
 
 Cases: float32 logits, T = 2, forward_kl (the F.kl_div formula with batchmean and T^2, which
 KDLoss replaces) and jsd (TRL's generalized_jsd_loss formula, beta = 0.5, no T^2, mean over
