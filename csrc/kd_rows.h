@@ -1,5 +1,5 @@
-// The row-kernel op `fastkd::kd_rows` on the host side: argument checks and the launch
-// parameters, shared by the CPU (kd_cpu.cpp) and CUDA (kd_cuda.cu) implementations.
+// The ops `fastkd::kd_rows` and `fastkd::scale_rows_` on the torch side: argument checks and
+// outputs, shared by their CPU and CUDA implementations in ops.cpp.
 //
 // The op has the signature of the Triton row kernel (fastkd/triton/kd_kernels.py:kd_rows):
 // (N, V) student and teacher rows with unit stride along V, optional labels, an optional
