@@ -1,5 +1,6 @@
 """fastkd: fused knowledge-distillation losses for large vocabularies."""
 
+from ._extension import build_info
 from .divergences import DIVERGENCES, REDUCTIONS
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
 from .losses import KDLoss, KDLossOutput, kd_loss
@@ -11,6 +12,7 @@ __all__ = [
     "FusedLinearKDLoss",
     "KDLoss",
     "KDLossOutput",
+    "build_info",
     "fused_linear_kd_loss",
     "kd_loss",
     "kd_loss_reference",

@@ -314,6 +314,11 @@ def _backward(ctx, d_loss, d_kd, d_ce, d_grad):
 def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[13]
     ctx.save_for_backward(output[3])
+    # kd and ce are for logging and grad is the stored gradient: none of them gets a
+    # gradient, and the backward takes None for them. Else autograd hands it zeros for each,
+    # an N x V tensor for grad: memory, and a memset the size of the gradient itself.
+    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.set_materialize_grads(False)
 
 
 torch.library.register_autograd("fastkd::kd_loss", _backward, setup_context=_setup_context)

@@ -127,11 +127,12 @@ def _check_labels_for(
         raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
     valid = (labels == ignore_index) | ((labels >= 0) & (labels < V))
     message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
-    if labels.device.type == "cpu":
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(valid.all()):
             raise ValueError(message)
     else:
-        # No host sync on accelerators: a device-side assert, as torch's cross_entropy does.
+        # No host sync on accelerators, and no data-dependent branch (a graph break) under
+        # torch.compile: an assert that runs with the op, as torch's cross_entropy does.
         torch._assert_async(valid.all(), message)
 
 
@@ -288,8 +289,10 @@ class KDLoss(nn.Module):
             meaning) or ``"none"`` (one loss per row, shaped like the leading dims).
         inplace_backward: write the gradient over the student logits instead of a new
             N x V buffer (the student logits' values are gone after the forward).
-        backend: ``"auto"`` (Triton for CUDA tensors, the PyTorch reference otherwise),
-            ``"triton"`` or ``"torch"``.
+        backend: ``"auto"`` (the C++ kernel for CPU tensors, Triton for CUDA tensors, the
+            PyTorch reference for float64 or when neither is available; the environment
+            variable ``FASTKD_BACKEND`` replaces it), ``"triton"``, ``"cuda"`` (the CUDA
+            kernel of fastkd._C), ``"cpu"`` (its C++ CPU kernel) or ``"torch"``.
 
     Forward: ``(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None,
     return_components=False)``. Logits are (..., V), float32/bfloat16/float16; labels are

@@ -26,6 +26,8 @@ def _kernel_targets():
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     yield "triton", "cpu", None if interp else "TRITON_INTERPRET is not set (a GPU is present)"
     yield "triton", "cuda", None if has_cuda else "no CUDA device"
+    yield "cpu", "cpu", None  # the C++ CPU kernel; skipped with the reason when not built
+    yield "cuda", "cuda", None if has_cuda else "no CUDA device"
 
 
 def kernel_targets():

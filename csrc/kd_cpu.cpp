@@ -1,0 +1,475 @@
+// CPU row kernel of KDLoss (design.md §3): rows in parallel (at::parallel_for), float32
+// at::vec::Vectorized arithmetic over the vocabulary, the divergence math of kd_math.h.
+//
+// setup.py compiles this file once per instruction set (AVX512, AVX2 on x86-64; the baseline
+// elsewhere) into its own module fastkd._C_cpu_<isa>, because at::vec picks its vector width
+// at compile time. The module holds no torch op: it hands its kernels (kd_params.h:CpuKernels)
+// to fastkd._C, whose CPU implementations of the ops call them; fastkd/_extension.py imports
+// the best module the machine runs and connects it.
+//
+// Pass plan, per row (a thread owns a group of rows and a few V-long float32 scratch rows,
+// which live in its L2 cache, not in an N x V buffer):
+//   pass 1  online softmax over chunks of kChunk entries: the chunk's maximum updates the
+//           running maximum once, then e = exp(x - max) is summed and kept in scratch with
+//           the chunk's shift, for a = s/T, b = t/T (and s at T = 1 when CE is on and T != 1).
+//           forward_kl, soft_ce and reverse_kl carry their cross term: the loss is known here.
+//   pass 2  (jsd, skew KLs, tvd only) the loss terms and S = sum_k q_k h_k (kd_math.h:
+//           pointwise); q_k h_k is kept.
+//   grad    dL/ds_j from the kept exponentials: q_j = e_j * exp(shift - m - log z), no exp
+//           per entry.
+// So forward_kl costs two exps per entry and jsd three (and a log1p series), against four
+// and eight in the recomputing GPU plan; the price is a few V-long float rows per thread.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "kd_math.h"
+#include "kd_params.h"
+
+namespace fastkd {
+
+using Vec = at::vec::Vectorized<float>;
+
+template <>
+struct Ops<Vec> {
+  // Sleef exp (1 ulp). at::vec's inline exp_u20 is ~15% faster here, but it maps NaN to a
+  // finite value: a NaN logit must give a NaN loss and gradient (GradScaler looks for it).
+  static Vec exp(const Vec& x) { return x.exp(); }
+  static Vec tanh(const Vec& x) { return x.tanh(); }
+  static Vec abs(const Vec& x) { return x.abs(); }
+  static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
+  static Vec gt(const Vec& a, const Vec& b) { return a > b; }
+  static Vec lt(const Vec& a, const Vec& b) { return a < b; }
+  static Vec select(const Vec& m, const Vec& a, const Vec& b) { return Vec::blendv(b, a, m); }
+};
+
+namespace {
+
+constexpr int64_t kVec = Vec::size();
+// Entries per online-softmax step: 8 KB of each float32 row, so a chunk's inputs and kept
+// exponentials stay in L1 between its max and its exp loops.
+constexpr int64_t kChunk = 2048;
+static_assert(kChunk % 64 == 0, "chunks hold whole vectors of every width");
+
+// Calls body(j, count) over [0, n) in vectors: count == kVec except for a shorter last one.
+template <class Body>
+inline void for_each_vec(int64_t n, const Body& body) {
+  int64_t j = 0;
+  for (; j + kVec <= n; j += kVec) body(j, kVec);
+  if (j < n) body(j, n - j);
+}
+
+// count entries from ptr; the lanes past count read as `pad`.
+inline Vec load(const float* ptr, int64_t count, float pad) {
+  if (count == kVec) return Vec::loadu(ptr);
+  return Vec::set(Vec(pad), Vec::loadu(ptr, count), count);
+}
+
+// Horizontal max and sum of a vector (once per chunk, so plain loops over its lanes).
+inline float hmax(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float r = lanes[0];
+  for (int64_t k = 1; k < kVec; ++k) r = std::max(r, lanes[k]);
+  return r;
+}
+inline float hsum(const Vec& v) {
+  alignas(64) float lanes[kVec];
+  v.store(lanes);
+  float r = 0.0f;
+  for (int64_t k = 0; k < kVec; ++k) r += lanes[k];
+  return r;
+}
+
+inline float max_of(const float* x, int64_t n) {
+  Vec acc(kNegInf);
+  for_each_vec(n, [&](int64_t j, int64_t c) {
+    acc = at::vec::maximum(acc, load(x + j, c, kNegInf));
+  });
+  return hmax(acc);
+}
+
+// dst[0:n] = float(src[0:n]).
+template <class T>
+void to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    int64_t j = 0;
+    for (; j + VecT::size() <= n; j += VecT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + j));
+      lo.store(dst + j);
+      hi.store(dst + j + kVec);
+    }
+    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+  }
+}
+
+void row_to_float(const void* src, DType dtype, float* dst, int64_t n) {
+  switch (dtype) {
+    case kF32:
+      return to_float(static_cast<const float*>(src), dst, n);
+    case kBF16:
+      return to_float(static_cast<const c10::BFloat16*>(src), dst, n);
+    default:
+      return to_float(static_cast<const c10::Half*>(src), dst, n);
+  }
+}
+
+void row_from_float(const float* src, DType dtype, void* dst, int64_t n) {
+  switch (dtype) {
+    case kF32:
+      return at::vec::convert(src, static_cast<float*>(dst), n);
+    case kBF16:
+      return at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n);
+    default:
+      return at::vec::convert(src, static_cast<c10::Half*>(dst), n);
+  }
+}
+
+int64_t elem_size(DType dtype) { return dtype == kF32 ? 4 : 2; }
+
+// A row's running log-sum-exp (design.md §3): max and sum of exp(x - max), and the shift
+// each chunk's kept exponentials were taken against. Rows reuse it (no allocation per row).
+struct OnlineLse {
+  float max = kNegInf;
+  float sum = 0.0f;
+  std::vector<float> shifts;
+  float m = 0.0f;      // after finish(): the (safe) maximum
+  float log_z = 0.0f;  // after finish(): log of the sum against it
+
+  void reset() {
+    max = kNegInf;
+    sum = 0.0f;
+    shifts.clear();
+  }
+  // Folds in a chunk whose maximum is chunk_max; returns (shift for the chunk, rescale of the
+  // sums carried so far).
+  std::pair<float, float> step(float chunk_max) {
+    const float new_max = std::max(max, chunk_max);
+    const float shift = safe_shift(new_max);
+    const float rescale = std::exp(max - shift);  // 0 while max is -inf
+    sum *= rescale;
+    max = new_max;
+    shifts.push_back(shift);
+    return {shift, rescale};
+  }
+  // log q = (x - m) - log z, as torch's log_softmax: folding m + log z into one lse would
+  // round it to the ulp of the logits' magnitude.
+  void finish() {
+    m = safe_shift(max);
+    log_z = std::log(sum);
+  }
+  // exp((shift_c - m) - log z): turns chunk c's kept exponentials into probabilities.
+  float to_prob(int64_t c) const { return std::exp((shifts[c] - m) - log_z); }
+};
+
+// One thread's scratch rows, V floats each, and its running log-sum-exps.
+struct Scratch {
+  std::vector<float> s, t;    // the rows in float32, soft-capped (when the input isn't that)
+  std::vector<float> ea, eb;  // kept exp(a - shift), exp(b - shift); eb then holds q_k h_k
+  std::vector<float> es;      // kept exp(s - shift) for CE at T != 1
+  OnlineLse lse_a, lse_b, lse_s;
+  explicit Scratch(int64_t V) : ea(V), eb(V) {}
+};
+
+struct RowPointers {
+  const char* s;
+  const char* t;
+  char* g;
+  int64_t s_stride, t_stride, g_stride;  // in bytes
+  DType s_dtype, t_dtype;
+  int64_t s_elem, t_elem;
+};
+
+// The float32, soft-capped view of one input row: the input itself when it already is that.
+const float* float_row(const char* src, DType dtype, const KdRowsParams& p,
+                       std::vector<float>& buf) {
+  if (dtype == kF32 && !p.has_softcap) return reinterpret_cast<const float*>(src);
+  buf.resize(p.V);
+  row_to_float(src, dtype, buf.data(), p.V);
+  if (p.has_softcap) {
+    float* x = buf.data();
+    for_each_vec(p.V, [&](int64_t j, int64_t c) {
+      softcap(Vec::loadu(x + j, c), p.cap, p.inv_cap).store(x + j, c);
+    });
+  }
+  return buf.data();
+}
+
+template <int DIV>
+void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels, float scale,
+            int64_t row, Scratch& sc, float* kd_out, float* ce_out) {
+  const int64_t V = p.V;
+  char* g_row = p.compute_grad ? ptr.g + row * ptr.g_stride : nullptr;
+  const int64_t label = p.has_labels ? labels[row] : -1;
+  if (p.has_labels && label == p.ignore_index) {
+    kd_out[row] = 0.0f;  // ce_out is zero-initialised
+    if (g_row) std::memset(g_row, 0, V * ptr.s_elem);
+    return;
+  }
+  const float* s = float_row(ptr.s + row * ptr.s_stride, ptr.s_dtype, p, sc.s);
+  const float* t = float_row(ptr.t + row * ptr.t_stride, ptr.t_dtype, p, sc.t);
+  // CE at temperature 1: when T == 1 it is the student's own softmax, already in ea.
+  const bool ce_own = p.has_ce && p.inv_t != 1.0f;
+  if (ce_own) sc.es.resize(V);
+  // Read before the gradient pass, which may overwrite the student row.
+  const float s_label = p.has_ce ? s[std::clamp<int64_t>(label, 0, V - 1)] : 0.0f;
+
+  // Pass 1.
+  const Vec inv_t(p.inv_t);
+  OnlineLse& lse_a = sc.lse_a;
+  OnlineLse& lse_b = sc.lse_b;
+  OnlineLse& lse_s = sc.lse_s;
+  lse_a.reset();
+  lse_b.reset();
+  lse_s.reset();
+  float cross = 0.0f;  // sum e_b (b - a), -sum e_b a or sum e_a (a - b), see design.md §3
+  for (int64_t lo = 0; lo < V; lo += kChunk) {
+    const int64_t n = std::min(kChunk, V - lo);
+    const float s_max = max_of(s + lo, n);
+    const auto [shift_a, rescale_a] = lse_a.step(s_max * p.inv_t);
+    const auto [shift_b, rescale_b] = lse_b.step(max_of(t + lo, n) * p.inv_t);
+    const float shift_s = ce_own ? lse_s.step(s_max).first : 0.0f;
+    cross *= DIV == REVERSE_KL ? rescale_a : rescale_b;
+    const Vec sh_a(shift_a), sh_b(shift_b), sh_s(shift_s), zero(0.0f);
+    Vec sum_a(0.0f), sum_b(0.0f), sum_s(0.0f), acc_cross(0.0f);
+    float* ea = sc.ea.data() + lo;
+    float* eb = sc.eb.data() + lo;
+    for_each_vec(n, [&](int64_t j, int64_t cnt) {
+      // The next chunk streams in from memory while this one is in exp: without it the
+      // chunk's max loop waits on memory and the exp loop on the ALUs, one after the other.
+      __builtin_prefetch(s + lo + j + kChunk);
+      __builtin_prefetch(t + lo + j + kChunk);
+      const Vec sv = load(s + lo + j, cnt, kNegInf);
+      const Vec a = sv * inv_t;
+      const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
+      const Vec e_a = Ops<Vec>::exp(a - sh_a);
+      const Vec e_b = Ops<Vec>::exp(b - sh_b);
+      e_a.store(ea + j, cnt);
+      e_b.store(eb + j, cnt);
+      sum_a += e_a;
+      sum_b += e_b;
+      if constexpr (DIV == FORWARD_KL) {
+        acc_cross += Vec::blendv(zero, e_b * (b - a), e_b > zero);
+      } else if constexpr (DIV == SOFT_CE) {
+        acc_cross -= Vec::blendv(zero, e_b * a, e_b > zero);
+      } else if constexpr (DIV == REVERSE_KL) {
+        acc_cross += Vec::blendv(zero, e_a * (a - b), e_a > zero);
+      }
+      if (ce_own) {
+        const Vec e_s = Ops<Vec>::exp(sv - sh_s);
+        e_s.store(sc.es.data() + lo + j, cnt);
+        sum_s += e_s;
+      }
+    });
+    lse_a.sum += hsum(sum_a);
+    lse_b.sum += hsum(sum_b);
+    if (ce_own) lse_s.sum += hsum(sum_s);
+    if constexpr (one_pass_loss(DIV)) cross += hsum(acc_cross);
+  }
+  lse_a.finish();
+  lse_b.finish();
+  if (ce_own) lse_s.finish();
+  const float m_a = lse_a.m, m_b = lse_b.m, log_z_a = lse_a.log_z, log_z_b = lse_b.log_z;
+
+  // The loss, and S = sum_k q_k h_k for the gradient (TVD: the sums of q where q > p, q < p).
+  float kd, qh_sum = 0.0f, q_above = 0.0f, q_below = 0.0f;
+  if constexpr (DIV == FORWARD_KL) {
+    kd = cross / lse_b.sum + (m_a - m_b) + (log_z_a - log_z_b);
+    qh_sum = -1.0f;
+  } else if constexpr (DIV == SOFT_CE) {
+    kd = cross / lse_b.sum + m_a + log_z_a;
+    qh_sum = -1.0f;
+  } else if constexpr (DIV == REVERSE_KL) {
+    qh_sum = cross / lse_a.sum;  // sum_k q_k (a_k - b_k), the h of pointwise
+    kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a);
+  } else {
+    // Pass 2: the loss terms and q_k h_k, kept in eb for the gradient pass.
+    Vec acc_kd(0.0f), acc_qh(0.0f), acc_above(0.0f), acc_below(0.0f);
+    const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b), zero(0.0f);
+    for (int64_t lo = 0, c = 0; lo < V; lo += kChunk, ++c) {
+      const int64_t n = std::min(kChunk, V - lo);
+      const Vec to_q(lse_a.to_prob(c)), to_p(lse_b.to_prob(c));
+      const float* ea = sc.ea.data() + lo;
+      float* eb = sc.eb.data() + lo;
+      for_each_vec(n, [&](int64_t j, int64_t cnt) {
+        // Past cnt: -inf logits and zero probabilities, whose terms are 0.
+        const Vec a = load(s + lo + j, cnt, kNegInf) * inv_t;
+        const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
+        const Vec q = load(ea + j, cnt, 0.0f) * to_q;
+        const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
+        const Terms<Vec> terms = pointwise<DIV>((b - m_bv) - log_z_bv, (a - m_av) - log_z_av,
+                                                pr, q, a - b, p.mix);
+        acc_kd += terms.loss;
+        acc_qh += terms.qh;
+        if constexpr (DIV == TVD) {
+          acc_above += at::vec::maximum(terms.qh, zero);
+          acc_below += at::vec::maximum(zero - terms.qh, zero);
+        }
+        terms.qh.store(eb + j, cnt);
+      });
+    }
+    kd = hsum(acc_kd);
+    qh_sum = hsum(acc_qh);
+    q_above = hsum(acc_above);
+    q_below = hsum(acc_below);
+  }
+  kd_out[row] = kd;
+  const OnlineLse& lse_ce = ce_own ? lse_s : lse_a;  // softmax(s) at T = 1
+  if (p.has_ce) ce_out[row] = (lse_ce.m - s_label) + lse_ce.log_z;
+  if (!g_row) return;
+
+  // The gradient: scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j - [j == y]))
+  // * cap'(s_j), written as it is made, chunk by chunk.
+  const Vec kd_coef(p.kd_grad_coef * scale), ce_coef(p.ce_weight * scale), qh_sum_v(qh_sum);
+  const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b);
+  const bool direct = ptr.s_dtype == kF32;  // else via ea, then converted
+  const Vec iota = [] {
+    alignas(64) float idx[kVec];
+    for (int64_t k = 0; k < kVec; ++k) idx[k] = static_cast<float>(k);
+    return Vec::loadu(idx);
+  }();
+  const Vec label_v(static_cast<float>(label));
+  for (int64_t lo = 0, c = 0; lo < V; lo += kChunk, ++c) {
+    const int64_t n = std::min(kChunk, V - lo);
+    const Vec to_q(lse_a.to_prob(c)), to_p(lse_b.to_prob(c));
+    const Vec to_sm(ce_own ? lse_s.to_prob(c) : 0.0f);
+    float* ea = sc.ea.data() + lo;
+    const float* eb = sc.eb.data() + lo;
+    float* out = direct ? reinterpret_cast<float*>(g_row) + lo : ea;
+    for_each_vec(n, [&](int64_t j, int64_t cnt) {
+      const Vec q = load(ea + j, cnt, 0.0f) * to_q;
+      Vec qh;
+      if constexpr (one_pass_loss(DIV)) {
+        // Recomputed: the log-probabilities are dead code for forward_kl and soft_ce.
+        const Vec a = load(s + lo + j, cnt, kNegInf) * inv_t;
+        const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
+        const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
+        qh = pointwise<DIV>((b - m_bv) - log_z_bv, (a - m_av) - log_z_av, pr, q, a - b, p.mix)
+                 .qh;
+      } else {
+        qh = load(eb + j, cnt, 0.0f);
+      }
+      Vec g;
+      if constexpr (DIV == TVD) {
+        g = kd_coef * tvd_grad(qh, q, q_above, q_below);
+      } else {
+        g = kd_coef * (qh - q * qh_sum_v);
+      }
+      if (p.has_ce) {
+        const Vec sm = ce_own ? load(sc.es.data() + lo + j, cnt, 0.0f) * to_sm : q;
+        const Vec onehot = Vec::blendv(Vec(0.0f), Vec(1.0f),
+                                       (iota + Vec(static_cast<float>(lo + j))) == label_v);
+        g += ce_coef * (sm - onehot);
+      }
+      if (p.has_softcap) g *= softcap_grad(load(s + lo + j, cnt, 0.0f), p.inv_cap);
+      g.store(out + j, cnt);
+    });
+    if (!direct) row_from_float(ea, ptr.s_dtype, g_row + lo * ptr.s_elem, n);
+  }
+}
+
+using RowFn = void (*)(const KdRowsParams&, const RowPointers&, const int64_t*, float, int64_t,
+                       Scratch&, float*, float*);
+
+template <int... DIVS>
+constexpr std::array<RowFn, sizeof...(DIVS)> row_table(std::integer_sequence<int, DIVS...>) {
+  return {&kd_row<DIVS>...};
+}
+
+void kd_rows_cpu(const KdRowsLaunch& args) {
+  const KdRowsParams& p = args.p;
+  if (p.n_rows == 0) return;
+  RowPointers ptr{};
+  ptr.s = static_cast<const char*>(args.s);
+  ptr.t = static_cast<const char*>(args.t);
+  ptr.g = static_cast<char*>(args.g);
+  ptr.s_dtype = args.s_dtype;
+  ptr.t_dtype = args.t_dtype;
+  ptr.s_elem = elem_size(args.s_dtype);
+  ptr.t_elem = elem_size(args.t_dtype);
+  ptr.s_stride = args.s_stride * ptr.s_elem;
+  ptr.t_stride = args.t_stride * ptr.t_elem;
+  ptr.g_stride = args.g_stride * ptr.s_elem;
+  const float scale = *args.grad_scale;
+
+  static constexpr auto table = row_table(std::make_integer_sequence<int, kNumDivergences>{});
+  const RowFn fn = table[p.divergence];
+  // About 32k entries per task, so a handful of short rows is not split across threads.
+  const int64_t grain = std::max<int64_t>(1, 32768 / p.V);
+  at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
+    Scratch scratch(p.V);
+    for (int64_t row = begin; row < end; ++row) {
+      fn(p, ptr, args.labels, scale, row, scratch, args.kd_out, args.ce_out);
+    }
+  });
+}
+
+// grad[row] *= factor[row * factor_stride], skipping rows whose factor is 1.
+void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* factor,
+                    int64_t factor_stride, int64_t n_rows, int64_t V) {
+  if (n_rows == 0) return;
+  char* base = static_cast<char*>(grad);
+  const int64_t elem = elem_size(dtype);
+  const int64_t grain = std::max<int64_t>(1, 32768 / V);
+  at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::min(kChunk, V));
+    for (int64_t row = begin; row < end; ++row) {
+      const float factor_row = factor[row * factor_stride];
+      if (factor_row == 1.0f) continue;
+      const Vec fv(factor_row);
+      char* g = base + row * stride * elem;
+      for (int64_t lo = 0; lo < V; lo += kChunk) {
+        const int64_t n = std::min(kChunk, V - lo);
+        row_to_float(g + lo * elem, dtype, buf.data(), n);
+        for_each_vec(n, [&](int64_t j, int64_t c) {
+          (Vec::loadu(buf.data() + j, c) * fv).store(buf.data() + j, c);
+        });
+        row_from_float(buf.data(), dtype, g + lo * elem, n);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fastkd
+
+// A Python module holding the table of its kernels, as a PyCapsule named "kernels", and
+// its instruction set, as "isa". FASTKD_CPU_MODULE (e.g. _C_cpu_avx2) and FASTKD_CPU_ISA
+// come from setup.py.
+#define FASTKD_STR2(x) #x
+#define FASTKD_STR(x) FASTKD_STR2(x)
+#define FASTKD_CAT2(a, b) a##b
+#define FASTKD_CAT(a, b) FASTKD_CAT2(a, b)
+
+namespace {
+const fastkd::CpuKernels kKernels = {fastkd::kCpuKernelsAbi, FASTKD_STR(FASTKD_CPU_ISA),
+                                     &fastkd::kd_rows_cpu, &fastkd::scale_rows_cpu};
+}  // namespace
+
+PyMODINIT_FUNC FASTKD_CAT(PyInit_, FASTKD_CPU_MODULE)(void) {
+  static PyModuleDef def = {PyModuleDef_HEAD_INIT, FASTKD_STR(FASTKD_CPU_MODULE),
+                            "fastkd's CPU kernels for one instruction set", -1, nullptr};
+  PyObject* module = PyModule_Create(&def);
+  if (module == nullptr) return nullptr;
+  PyObject* capsule = PyCapsule_New(const_cast<fastkd::CpuKernels*>(&kKernels),
+                                    fastkd::kCpuKernelsCapsule, nullptr);
+  if (capsule == nullptr || PyModule_AddObject(module, "kernels", capsule) < 0 ||
+      PyModule_AddStringConstant(module, "isa", kKernels.isa) < 0) {
+    Py_XDECREF(capsule);
+    Py_DECREF(module);
+    return nullptr;
+  }
+  return module;
+}

@@ -1,0 +1,473 @@
+// CUDA row kernel of KDLoss (design.md §3), with the divergence math of kd_math.h.
+//
+// A team of threads walks one row: a whole block (64..512 threads) when the row is long, or a
+// single warp, several rows to a block, when it is short. Each thread reads packs of 8
+// entries (one 16-byte load of bf16/fp16, two of fp32) and keeps its own online softmax;
+// teams combine them with warp shuffles, then through shared memory across the block's warps.
+// The entries before the first aligned pack and after the last one are read one at a time;
+// so is a whole row whose student, teacher and gradient rows cannot be aligned together.
+//
+// Pass 1  log-sum-exps of a = s/T and b = t/T (and of s when CE is on and T != 1); for
+//         forward_kl, soft_ce and reverse_kl also the cross term, so the loss is known here.
+// Pass 2  (jsd, skew KLs, tvd) the loss terms and S = sum_k q_k h_k (kd_math.h:pointwise).
+// Grad    dL/ds_j = scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j -
+//         [j == y])) * cap'(s_j). Each thread reads an entry before it writes it, and every
+//         earlier read of the row happens before the team synchronises, so the gradient may
+//         be written over the student row.
+//
+// One kernel per divergence; the input dtypes are kernel arguments, read by a branch that is
+// the same for every thread (nine dtype pairs as template arguments made the build 9x
+// longer for no measurable gain in a kernel bound by memory and exp). Row offsets are int64
+// (N * V passes 2^31).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "kd_cuda.h"
+#include "kd_math.h"
+
+namespace fastkd {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kMaxTeam = 512;  // threads per row at most; 128 registers a thread at full block
+constexpr int kMaxWarps = kMaxTeam / kWarp;
+constexpr int kRowsPerWarpBlock = 8;  // rows per block when a warp walks a row
+constexpr int kPack = 8;              // entries per pack
+
+__device__ __forceinline__ int elem_size(DType dt) { return dt == kF32 ? 4 : 2; }
+
+// Whether entry h of the row at ptr starts a 16-byte aligned access.
+__device__ __forceinline__ bool aligned16(const void* ptr, DType dt, int64_t h) {
+  const int elem = elem_size(dt);
+  return (reinterpret_cast<uintptr_t>(ptr) / elem + h) % (16 / elem) == 0;
+}
+
+// N (1 or kPack) entries from i, as float32.
+template <int N>
+__device__ __forceinline__ void load_f32(const void* row, DType dt, int64_t i, float (&out)[N]) {
+  if (dt == kF32) {
+    const float* p = static_cast<const float*>(row) + i;
+    if constexpr (N == 1) {
+      out[0] = *p;
+    } else {
+#pragma unroll
+      for (int h = 0; h < N / 4; ++h) {
+        const float4 v = *reinterpret_cast<const float4*>(p + 4 * h);
+        out[4 * h] = v.x;
+        out[4 * h + 1] = v.y;
+        out[4 * h + 2] = v.z;
+        out[4 * h + 3] = v.w;
+      }
+    }
+  } else if (dt == kBF16) {
+    const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(row) + i;
+    if constexpr (N == 1) {
+      out[0] = __bfloat162float(*p);
+    } else {
+      static_assert(N == 8, "a pack of 16-bit entries is one 16-byte load");
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __bfloat1622float2(pairs[k]);
+        out[2 * k] = f.x;
+        out[2 * k + 1] = f.y;
+      }
+    }
+  } else {
+    const __half* p = static_cast<const __half*>(row) + i;
+    if constexpr (N == 1) {
+      out[0] = __half2float(*p);
+    } else {
+      const uint4 raw = *reinterpret_cast<const uint4*>(p);
+      const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(pairs[k]);
+        out[2 * k] = f.x;
+        out[2 * k + 1] = f.y;
+      }
+    }
+  }
+}
+
+// N entries from i, rounded to the row's dtype (round to nearest even).
+template <int N>
+__device__ __forceinline__ void store_f32(void* row, DType dt, int64_t i, const float (&in)[N]) {
+  if (dt == kF32) {
+    float* p = static_cast<float*>(row) + i;
+    if constexpr (N == 1) {
+      *p = in[0];
+    } else {
+#pragma unroll
+      for (int h = 0; h < N / 4; ++h) {
+        *reinterpret_cast<float4*>(p + 4 * h) =
+            make_float4(in[4 * h], in[4 * h + 1], in[4 * h + 2], in[4 * h + 3]);
+      }
+    }
+  } else if (dt == kBF16) {
+    __nv_bfloat16* p = static_cast<__nv_bfloat16*>(row) + i;
+    if constexpr (N == 1) {
+      *p = __float2bfloat16_rn(in[0]);
+    } else {
+      uint4 raw;
+      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) pairs[k] = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
+      *reinterpret_cast<uint4*>(p) = raw;
+    }
+  } else {
+    __half* p = static_cast<__half*>(row) + i;
+    if constexpr (N == 1) {
+      *p = __float2half_rn(in[0]);
+    } else {
+      uint4 raw;
+      __half2* pairs = reinterpret_cast<__half2*>(&raw);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) pairs[k] = __floats2half2_rn(in[2 * k], in[2 * k + 1]);
+      *reinterpret_cast<uint4*>(p) = raw;
+    }
+  }
+}
+
+struct SumOp {
+  __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MaxOp {
+  __device__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+// Reduces each v[k] over the team; every thread of the team gets the same values.
+template <int K, class Op>
+__device__ __forceinline__ void team_reduce(float (&v)[K], Op op, float* smem) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+#pragma unroll
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      v[k] = op(v[k], __shfl_xor_sync(0xffffffffu, v[k], offset));
+    }
+    // Lanes may have summed in different orders: take lane 0's bits everywhere.
+    v[k] = __shfl_sync(0xffffffffu, v[k], 0);
+  }
+  if (blockDim.x == kWarp) return;  // a warp per row (the same for the whole block)
+  const int lane = threadIdx.x % kWarp;
+  const int warp = threadIdx.x / kWarp;
+  const int n_warps = blockDim.x / kWarp;
+  __syncthreads();  // the previous reduction's readers are done with smem
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < K; ++k) smem[k * kMaxWarps + warp] = v[k];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float r = smem[k * kMaxWarps];
+    for (int w = 1; w < n_warps; ++w) r = op(r, smem[k * kMaxWarps + w]);
+    v[k] = r;
+  }
+}
+
+__device__ __forceinline__ void team_sync() {
+  if (blockDim.x == kWarp) {
+    __syncwarp();
+  } else {
+    __syncthreads();
+  }
+}
+
+// A thread's running (max, sum of exp(x - max)) over the entries it has seen.
+struct OnlineLse {
+  float max = kNegInf;
+  float sum = 0.0f;
+
+  // Folds in N entries; returns the rescale of what was carried and writes exp(x - max).
+  template <int N>
+  __device__ __forceinline__ float step(const float (&x)[N], float (&e)[N]) {
+    float chunk_max = x[0];
+#pragma unroll
+    for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, x[k]);
+    const float new_max = fmaxf(max, chunk_max);
+    const float shift = safe_shift(new_max);
+    const float rescale = Ops<float>::exp(max - shift);  // 0 while max is -inf
+    sum *= rescale;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      e[k] = Ops<float>::exp(x[k] - shift);
+      sum += e[k];
+    }
+    max = new_max;
+    return rescale;
+  }
+};
+
+template <int DIV>
+// __grid_constant__: the parameters are read in place, never copied to local memory.
+__global__ void __launch_bounds__(kMaxTeam)
+    kd_rows_kernel(const __grid_constant__ KdRowsLaunch args) {
+  __shared__ float smem[4 * kMaxWarps];  // team_reduce of up to 4 values
+  const KdRowsParams& p = args.p;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (row >= p.n_rows) return;  // only in warp-per-row blocks, which never sync the block
+  const int tid = threadIdx.x;
+  const int team = blockDim.x;
+  const int64_t V = p.V;
+  const DType s_dt = args.s_dtype;
+  const DType t_dt = args.t_dtype;
+  const void* s_row = static_cast<const char*>(args.s) + row * args.s_stride * elem_size(s_dt);
+  const void* t_row = static_cast<const char*>(args.t) + row * args.t_stride * elem_size(t_dt);
+  void* g_row =
+      args.g ? static_cast<char*>(args.g) + row * args.g_stride * elem_size(s_dt) : nullptr;
+
+  const int64_t label = args.labels ? args.labels[row] : -1;
+  if (args.labels && label == p.ignore_index) {
+    if (tid == 0) args.kd_out[row] = 0.0f;  // ce_out is zero-initialised
+    if (g_row) {
+      const float zero[1] = {0.0f};
+      for (int64_t i = tid; i < V; i += team) store_f32<1>(g_row, s_dt, i, zero);
+    }
+    return;
+  }
+
+  // Entries [0, head) and [tail, V) one at a time, [head, tail) in packs: head is the first
+  // entry where the student, teacher and gradient rows all allow 16-byte accesses.
+  int64_t head = V;
+  for (int h = 0; h < kPack && h < V; ++h) {
+    if (aligned16(s_row, s_dt, h) && aligned16(t_row, t_dt, h) &&
+        (!g_row || aligned16(g_row, s_dt, h))) {
+      head = h;
+      break;
+    }
+  }
+  const int64_t n_packs = (V - head) / kPack;
+  const int64_t tail = head + n_packs * kPack;
+
+  // Calls visit(i, s[N], t[N]) on every entry this thread owns, soft-capped, in float32.
+  const auto for_row = [&](const auto& visit) {
+    const auto one = [&](int64_t i, auto n_const) {
+      constexpr int N = decltype(n_const)::value;
+      float sv[N], tv[N];
+      load_f32<N>(s_row, s_dt, i, sv);
+      load_f32<N>(t_row, t_dt, i, tv);
+      if (p.has_softcap) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) {
+          sv[k] = softcap(sv[k], p.cap, p.inv_cap);
+          tv[k] = softcap(tv[k], p.cap, p.inv_cap);
+        }
+      }
+      visit(i, sv, tv);
+    };
+    using One = std::integral_constant<int, 1>;
+    using Packed = std::integral_constant<int, kPack>;
+    for (int64_t i = tid; i < head; i += team) one(i, One{});
+    for (int64_t k = tid; k < n_packs; k += team) one(head + k * kPack, Packed{});
+    for (int64_t i = tail + tid; i < V; i += team) one(i, One{});
+  };
+
+  const bool ce_own = p.has_ce && p.inv_t != 1.0f;  // else softmax(s) is q
+  float s_label = 0.0f;
+  if (p.has_ce) {
+    float y_val[1];
+    load_f32<1>(s_row, s_dt, label < 0 ? 0 : (label >= V ? V - 1 : label), y_val);
+    s_label = p.has_softcap ? softcap(y_val[0], p.cap, p.inv_cap) : y_val[0];
+  }
+
+  // Pass 1.
+  OnlineLse lse_a, lse_b, lse_s;
+  float cross = 0.0f;
+  for_row([&](int64_t, const auto& sv, const auto& tv) {
+    constexpr int N = sizeof(sv) / sizeof(float);
+    float a[N], b[N], e_a[N], e_b[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      a[k] = sv[k] * p.inv_t;
+      b[k] = tv[k] * p.inv_t;
+    }
+    const float rescale_a = lse_a.step(a, e_a);
+    const float rescale_b = lse_b.step(b, e_b);
+    if (ce_own) {
+      float e_s[N];
+      lse_s.step(sv, e_s);
+    }
+    if constexpr (one_pass_loss(DIV)) {
+      float c = 0.0f;
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        if constexpr (DIV == FORWARD_KL) {
+          c += e_b[k] > 0.0f ? e_b[k] * (b[k] - a[k]) : 0.0f;
+        } else if constexpr (DIV == SOFT_CE) {
+          c -= e_b[k] > 0.0f ? e_b[k] * a[k] : 0.0f;
+        } else {
+          c += e_a[k] > 0.0f ? e_a[k] * (a[k] - b[k]) : 0.0f;
+        }
+      }
+      cross = cross * (DIV == REVERSE_KL ? rescale_a : rescale_b) + c;
+    }
+  });
+  float maxima[3] = {lse_a.max, lse_b.max, lse_s.max};
+  team_reduce(maxima, MaxOp{}, smem);
+  const float m_a = safe_shift(maxima[0]);
+  const float m_b = safe_shift(maxima[1]);
+  const float m_s = safe_shift(maxima[2]);
+  float sums[4] = {lse_a.sum * Ops<float>::exp(lse_a.max - m_a),
+                   lse_b.sum * Ops<float>::exp(lse_b.max - m_b),
+                   lse_s.sum * Ops<float>::exp(lse_s.max - m_s),
+                   cross * Ops<float>::exp(DIV == REVERSE_KL ? lse_a.max - m_a : lse_b.max - m_b)};
+  team_reduce(sums, SumOp{}, smem);
+  // log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
+  // would round it to the ulp of the logits' magnitude.
+  const float log_z_a = logf(sums[0]);
+  const float log_z_b = logf(sums[1]);
+  // softmax(s) at T = 1 for CE: the student's own when T == 1.
+  const float m_ce = ce_own ? m_s : m_a;
+  const float log_z_ce = ce_own ? logf(sums[2]) : log_z_a;
+
+  // The loss, and S = sum_k q_k h_k for the gradient (TVD: the sums of q where q > p, q < p).
+  float kd, qh_sum = 0.0f, q_above = 0.0f, q_below = 0.0f;
+  if constexpr (DIV == FORWARD_KL) {
+    kd = sums[3] / sums[1] + (m_a - m_b) + (log_z_a - log_z_b);
+    qh_sum = -1.0f;
+  } else if constexpr (DIV == SOFT_CE) {
+    kd = sums[3] / sums[1] + m_a + log_z_a;
+    qh_sum = -1.0f;
+  } else if constexpr (DIV == REVERSE_KL) {
+    qh_sum = sums[3] / sums[0];  // sum_k q_k (a_k - b_k), the h of pointwise
+    kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a);
+  } else {
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // loss, qh, q above p, q below p
+    for_row([&](int64_t, const auto& sv, const auto& tv) {
+      constexpr int N = sizeof(sv) / sizeof(float);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float a = sv[k] * p.inv_t;
+        const float b = tv[k] * p.inv_t;
+        const float log_q = (a - m_a) - log_z_a;
+        const float log_p = (b - m_b) - log_z_b;
+        const Terms<float> terms = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p),
+                                                  Ops<float>::exp(log_q), a - b, p.mix);
+        acc[0] += terms.loss;
+        acc[1] += terms.qh;
+        if constexpr (DIV == TVD) {
+          acc[2] += fmaxf(terms.qh, 0.0f);
+          acc[3] += fmaxf(-terms.qh, 0.0f);
+        }
+      }
+    });
+    team_reduce(acc, SumOp{}, smem);
+    kd = acc[0];
+    qh_sum = acc[1];
+    q_above = acc[2];
+    q_below = acc[3];
+  }
+  if (tid == 0) {
+    args.kd_out[row] = kd;
+    if (p.has_ce) args.ce_out[row] = (m_ce - s_label) + log_z_ce;
+  }
+  if (!g_row) return;
+
+  team_sync();  // every read of the student row above is done before it may be overwritten
+  const float scale = *args.grad_scale;
+  const float kd_coef = p.kd_grad_coef * scale;
+  const float ce_coef = p.ce_weight * scale;
+  for_row([&](int64_t i, const auto& sv, const auto& tv) {
+    constexpr int N = sizeof(sv) / sizeof(float);
+    float g[N];
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float a = sv[k] * p.inv_t;
+      const float b = tv[k] * p.inv_t;
+      const float log_q = (a - m_a) - log_z_a;
+      const float log_p = (b - m_b) - log_z_b;
+      const float q = Ops<float>::exp(log_q);
+      const float qh = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, a - b, p.mix).qh;
+      if constexpr (DIV == TVD) {
+        g[k] = kd_coef * tvd_grad(qh, q, q_above, q_below);
+      } else {
+        g[k] = kd_coef * (qh - q * qh_sum);
+      }
+      if (p.has_ce) {
+        const float sm = ce_own ? Ops<float>::exp((sv[k] - m_ce) - log_z_ce) : q;
+        g[k] += ce_coef * (sm - (i + k == label ? 1.0f : 0.0f));
+      }
+      if (p.has_softcap) g[k] *= softcap_grad(sv[k], p.inv_cap);
+    }
+    store_f32<N>(g_row, s_dt, i, g);
+  });
+}
+
+__global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const float* factor,
+                                  int64_t factor_stride, int64_t V) {
+  const int64_t row = blockIdx.x;
+  const float f = factor[row * factor_stride];
+  if (f == 1.0f) return;  // the common backward (grad_output == 1) touches nothing
+  void* g = static_cast<char*>(grad) + row * stride * elem_size(dt);
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+    float x[1];
+    load_f32<1>(g, dt, i, x);
+    x[0] *= f;
+    store_f32<1>(g, dt, i, x);
+  }
+}
+
+// Threads per row: enough for about four packs each, from one warp up to kMaxTeam.
+int team_size(int64_t V) {
+  const int64_t packs = (V + kPack - 1) / kPack;
+  int team = kWarp;
+  while (team < kMaxTeam && static_cast<int64_t>(team) * 4 < packs) team *= 2;
+  return team;
+}
+
+}  // namespace
+
+cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream) {
+  const KdRowsParams& p = args.p;
+  if (p.n_rows == 0) return cudaSuccess;
+  const int team = team_size(p.V);
+  const int rows_per_block = team == kWarp ? kRowsPerWarpBlock : 1;
+  const int64_t n_blocks = (p.n_rows + rows_per_block - 1) / rows_per_block;
+  if (n_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(n_blocks));
+  const dim3 block(team, rows_per_block);
+  switch (p.divergence) {
+    case FORWARD_KL:
+      kd_rows_kernel<FORWARD_KL><<<grid, block, 0, stream>>>(args);
+      break;
+    case SOFT_CE:
+      kd_rows_kernel<SOFT_CE><<<grid, block, 0, stream>>>(args);
+      break;
+    case REVERSE_KL:
+      kd_rows_kernel<REVERSE_KL><<<grid, block, 0, stream>>>(args);
+      break;
+    case JSD:
+      kd_rows_kernel<JSD><<<grid, block, 0, stream>>>(args);
+      break;
+    case SKEW_FORWARD_KL:
+      kd_rows_kernel<SKEW_FORWARD_KL><<<grid, block, 0, stream>>>(args);
+      break;
+    case SKEW_REVERSE_KL:
+      kd_rows_kernel<SKEW_REVERSE_KL><<<grid, block, 0, stream>>>(args);
+      break;
+    case TVD:
+      kd_rows_kernel<TVD><<<grid, block, 0, stream>>>(args);
+      break;
+    default:
+      return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* factor,
+                              int64_t factor_stride, int64_t n_rows, int64_t V,
+                              cudaStream_t stream) {
+  if (n_rows == 0) return cudaSuccess;
+  if (n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  scale_rows_kernel<<<static_cast<unsigned>(n_rows), 256, 0, stream>>>(grad, dtype, stride, factor,
+                                                                       factor_stride, V);
+  return cudaGetLastError();
+}
+
+}  // namespace fastkd

@@ -1,0 +1,197 @@
+// Per-element divergence math of KDLoss (design.md §1), shared by the CPU and CUDA kernels.
+//
+// This is the C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py: each formula of the
+// design.md §1 table is written once here, as templates over the value type F. The CUDA kernel
+// instantiates them with F = float (host/device functions); the CPU kernel with
+// F = at::vec::Vectorized<float>, whose primitives it supplies by specialising `Ops<F>`.
+// Nothing here branches on the data: guards are selects, so a vector lane never diverges.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#if defined(__CUDACC__)
+#define KD_HD __host__ __device__ __forceinline__
+#else
+#define KD_HD inline
+#endif
+
+namespace fastkd {
+
+// The codes of fastkd/divergences.py (the source of truth); the tests run every divergence
+// of that table through these kernels against the float64 reference.
+enum Divergence : int {
+  FORWARD_KL = 0,
+  SOFT_CE = 1,
+  REVERSE_KL = 2,
+  JSD = 3,
+  SKEW_FORWARD_KL = 4,
+  SKEW_REVERSE_KL = 5,
+  TVD = 6,
+};
+constexpr int kNumDivergences = 7;
+
+// True when pass 1 yields the loss through a carried cross term (design.md §3), so that the
+// gradient needs one more pass only.
+KD_HD constexpr bool one_pass_loss(int div) {
+  return div == FORWARD_KL || div == SOFT_CE || div == REVERSE_KL;
+}
+
+// The mixture weight w (beta for jsd, alpha for the skew KLs) with log(w) and log(1 - w).
+struct MixWeight {
+  float w;
+  float log_w;
+  float log_1mw;
+};
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Elementwise primitives of a value type F. Comparisons return F's mask type, which
+// `select(mask, a, b)` consumes (a where the mask holds, b elsewhere).
+template <class F>
+struct Ops;
+
+template <>
+struct Ops<float> {
+  // expf, not __expf: __expf's error grows with |x| (2 + 1.16|x| ulp), and the float32
+  // gradient's 1e-5 budget of design.md §2 is half spent by reverse_kl's cancellation.
+  KD_HD static float exp(float x) { return ::expf(x); }
+  KD_HD static float tanh(float x) { return ::tanhf(x); }
+  KD_HD static float abs(float x) { return ::fabsf(x); }
+  KD_HD static float max(float a, float b) { return ::fmaxf(a, b); }
+  KD_HD static bool gt(float a, float b) { return a > b; }
+  KD_HD static bool lt(float a, float b) { return a < b; }
+  KD_HD static float select(bool m, float a, float b) { return m ? a : b; }
+};
+
+// A running maximum starts at -inf; exp(x - (-inf)) would be NaN, exp(x - 0) with x = -inf
+// is 0. Used on the scalar maxima of the online softmax.
+KD_HD float safe_shift(float m) { return m == kNegInf ? 0.0f : m; }
+
+// w * (log_w - log_v), with 0 log 0 = 0: masked (-inf) entries give 0, never NaN.
+template <class F>
+KD_HD F xlogratio(F w, F log_w, F log_v) {
+  using O = Ops<F>;
+  return O::select(O::gt(w, F(0.0f)), w * (log_w - log_v), F(0.0f));
+}
+
+// Soft-capping c * tanh(x / c) (design.md §1, before the temperature), and its derivative
+// written with the capped value x_c: d(x_c)/dx = 1 - (x_c / c)^2.
+template <class F>
+KD_HD F softcap(F x, float cap, float inv_cap) {
+  return F(cap) * Ops<F>::tanh(x * F(inv_cap));
+}
+template <class F>
+KD_HD F softcap_grad(F capped, float inv_cap) {
+  const F r = capped * F(inv_cap);
+  return F(1.0f) - r * r;
+}
+
+// log(1 + x) for 0 <= x <= 1, to a few ulp also where x is tiny: 2 atanh(s), s = x / (2 + x)
+// in [0, 1/3], by its series to s^13 (the next term is below 1.4e-8 of the sum). A divide
+// and eight multiply-adds: the vector libraries' log1p, made for every x, costs several exps.
+template <class F>
+KD_HD F log1p_unit(F x) {
+  const F s = x / (F(2.0f) + x);
+  const F z = s * s;
+  F poly = F(1.0f / 13.0f);
+  poly = poly * z + F(1.0f / 11.0f);
+  poly = poly * z + F(1.0f / 9.0f);
+  poly = poly * z + F(1.0f / 7.0f);
+  poly = poly * z + F(1.0f / 5.0f);
+  poly = poly * z + F(1.0f / 3.0f);
+  poly = poly * z + F(1.0f);
+  return F(2.0f) * s * poly;
+}
+
+// The log-space mixture of two distributions, by u = log of the ratio of their weighted
+// probabilities: softplus(+-u) = log(1 + e^(+-u)) and sigmoid(+-u), from one exp and one
+// log1p. Mixtures are written with them, never as log(w p + (1 - w) q): both probabilities
+// underflow for far-off logits, and log p - log m would cancel where they are close.
+template <class F>
+struct Mixture {
+  F softplus_pos, softplus_neg;  // softplus(u), softplus(-u)
+  F sigmoid_pos, sigmoid_neg;    // sigmoid(u), sigmoid(-u)
+};
+template <class F>
+KD_HD Mixture<F> mixture(F u) {
+  using O = Ops<F>;
+  const F zero(0.0f);
+  const F e = O::exp(zero - O::abs(u));  // in (0, 1]: no overflow for any u
+  const F l = log1p_unit(e);
+  const F r = F(1.0f) / (F(1.0f) + e);
+  const auto positive = O::gt(u, zero);
+  return {O::max(u, zero) + l, O::max(zero - u, zero) + l, O::select(positive, r, e * r),
+          O::select(positive, e * r, r)};
+}
+
+template <class F>
+struct Terms {
+  F loss;  // this entry's term of D(p, q)
+  F qh;    // q_k * h_k, h_k = dD/dq_k less a constant (below)
+};
+
+// The design.md §1 table for one vocabulary entry, from the teacher's and the student's
+// log-probabilities and probabilities (p = exp(log_p), q = exp(log_q): the callers have them)
+// and a_minus_b = (s - t) / T. The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py,
+// with the same h; the mixture divergences are written through `mixture` (one exp and one
+// log1p an entry where logaddexp + softplus take two of each; also free of the cancellation
+// of log p - log m, as their gradients already were).
+//
+// h_k is g_k = dD/dq_k less a constant where that helps: the gradient q_j (h_j - sum_k q_k h_k)
+// is unchanged by it, and a g that tends to a non-zero constant where the student's mass
+// meets none of the teacher's (p << q) would cancel there in float32. Each row writes g in
+// the form that tends to 0 in that regime. TVD's gradient is assembled by the kernels from
+// the sums of q where q > p and where q < p instead (tvd_grad below).
+template <int DIV, class F>
+KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, F a_minus_b, const MixWeight& mix) {
+  using O = Ops<F>;
+  const F zero(0.0f);
+  if constexpr (DIV == FORWARD_KL) {
+    return {xlogratio(p, log_p, log_q), zero - p};  // g = -p/q
+  } else if constexpr (DIV == SOFT_CE) {
+    return {O::select(O::gt(p, zero), zero - p * log_q, zero), zero - p};  // g = -p/q
+  } else if constexpr (DIV == REVERSE_KL) {
+    // g = log q - log p + 1 = (a - b) + a constant
+    return {xlogratio(q, log_q, log_p), O::select(O::gt(q, zero), q * a_minus_b, zero)};
+  } else if constexpr (DIV == JSD) {
+    // m = w p + (1-w) q, u = log(w p / ((1-w) q)): log(m/p) = log w + softplus(-u),
+    // log(m/q) = log(1-w) + softplus(u).
+    const Mixture<F> mx = mixture(F(mix.log_w - mix.log_1mw) + log_p - log_q);
+    const F p_term = O::select(O::gt(p, zero), p * (F(mix.log_w) + mx.softplus_neg), zero);
+    const F q_term = O::select(O::gt(q, zero), q * (F(mix.log_1mw) + mx.softplus_pos), zero);
+    // g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(u))
+    return {zero - F(mix.w) * p_term - F(1.0f - mix.w) * q_term,
+            O::select(O::gt(q, zero), F(mix.w - 1.0f) * q * mx.softplus_pos, zero)};
+  } else if constexpr (DIV == SKEW_FORWARD_KL) {
+    // m = w p + (1-w) q as for jsd; g = -(1-w) p/m, and (1-w) q/m = sigmoid(-u).
+    const Mixture<F> mx = mixture(F(mix.log_w - mix.log_1mw) + log_p - log_q);
+    return {O::select(O::gt(p, zero), zero - p * (F(mix.log_w) + mx.softplus_neg), zero),
+            O::select(O::gt(p, zero), zero - p * mx.sigmoid_neg, zero)};
+  } else if constexpr (DIV == SKEW_REVERSE_KL) {
+    // m = w q + (1-w) p, u = log((1-w) p / (w q)): log(m/q) = log w + softplus(u);
+    // g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u)
+    const Mixture<F> mx = mixture(F(mix.log_1mw - mix.log_w) + log_p - log_q);
+    return {O::select(O::gt(q, zero), zero - q * (F(mix.log_w) + mx.softplus_pos), zero),
+            O::select(O::gt(q, zero), q * (mx.sigmoid_pos - mx.softplus_pos), zero)};
+  } else {
+    static_assert(DIV == TVD, "a divergence code without a row in the table");
+    // g = sign(q - p) / 2; qh = q where q > p, -q where q < p
+    return {F(0.5f) * O::abs(p - q),
+            O::select(O::gt(q, p), q, O::select(O::lt(q, p), zero - q, zero))};
+  }
+}
+
+// TVD's q_j (g_j - S) from its qh_j and the sums of q over the entries where q > p
+// (q_above) and where q < p (q_below): q_j q_below where q_j > p_j, -q_j q_above where
+// q_j < p_j; no 1/2 - S cancellation. q multiplies outside the selects, so that a NaN q (a
+// NaN logit in the row) stays NaN.
+template <class F>
+KD_HD F tvd_grad(F qh, F q, float q_above, float q_below) {
+  using O = Ops<F>;
+  const F zero(0.0f);
+  return q * O::select(O::gt(qh, zero), F(q_below),
+                       O::select(O::lt(qh, zero), F(-q_above), zero));
+}
+
+}  // namespace fastkd

@@ -1,0 +1,60 @@
+// The launch interface of the row kernels: plain data, no torch headers, so that the CPU
+// (kd_cpu.cpp) and CUDA (kd_cuda.cu) kernels compile without them; ops.cpp is their torch
+// side (argument checks, outputs, streams, registration).
+#pragma once
+
+#include <cstdint>
+
+#include "kd_math.h"
+
+namespace fastkd {
+
+// Everything a kernel needs besides the tensors' data pointers.
+struct KdRowsParams {
+  int64_t n_rows = 0;
+  int64_t V = 0;
+  int divergence = FORWARD_KL;
+  float inv_t = 1.0f;      // 1 / temperature
+  float cap = 0.0f;        // soft-cap c (when has_softcap)
+  float inv_cap = 0.0f;    // 1 / c
+  MixWeight mix{};         // beta or alpha with its logs
+  float kd_grad_coef = 0;  // kd_weight * (T^2 or 1) / T: dL/ds = kd_grad_coef * dD/da + ...
+  float ce_weight = 0;
+  int64_t ignore_index = -100;
+  bool has_labels = false;
+  bool has_ce = false;  // labels given and ce_weight != 0
+  bool has_softcap = false;
+  bool compute_grad = false;
+};
+
+// Input dtypes, taken at run time by the kernels (template arguments for each of the nine
+// student/teacher pairs made the CUDA build 9x longer).
+enum DType : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// One call of the row kernel: fastkd::kd_rows's arguments after ops.cpp checked them.
+struct KdRowsLaunch {
+  const void* s;  // student rows (N, V), unit stride along V
+  const void* t;  // teacher rows
+  void* g;        // gradient rows in the student's dtype, or nullptr; may equal s
+  int64_t s_stride, t_stride, g_stride;  // row strides in entries
+  DType s_dtype, t_dtype;
+  const int64_t* labels;    // (N,) or nullptr
+  const float* grad_scale;  // 0-d, on the kernel's device
+  float* kd_out;            // (N,)
+  float* ce_out;            // (N,), zero-initialised
+  KdRowsParams p;
+};
+
+// The CPU kernels of one instruction set: fastkd._C_cpu_<isa> hands this table to fastkd._C
+// in a PyCapsule named kCpuKernelsCapsule (fastkd/_extension.py connects them).
+struct CpuKernels {
+  int abi;  // kCpuKernelsAbi of the kd_params.h it was built with
+  const char* isa;
+  void (*kd_rows)(const KdRowsLaunch& args);
+  void (*scale_rows)(void* grad, DType dtype, int64_t stride, const float* factor,
+                     int64_t factor_stride, int64_t n_rows, int64_t V);
+};
+constexpr int kCpuKernelsAbi = 1;  // bump when KdRowsLaunch, KdRowsParams or this change
+constexpr const char* kCpuKernelsCapsule = "fastkd.CpuKernels";
+
+}  // namespace fastkd

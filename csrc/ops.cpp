@@ -1,0 +1,200 @@
+// fastkd._C: the ops fastkd::kd_rows and fastkd::scale_rows_ (schemas, CPU and CUDA
+// implementations) and build_info(). This is the torch side of the kernels: it checks the
+// arguments (kd_rows.h), allocates the outputs, picks the stream, and calls the torch-free
+// kernels of kd_cpu.cpp (through the table the fastkd._C_cpu_<isa> module hands over,
+// set_cpu_kernels) and kd_cuda.cu.
+//
+// The ops live in the `fastkd` namespace beside the Python custom ops of fastkd/_ops.py
+// (torch.library.custom_op("fastkd::kd_loss") is a fragment too), so this library is a
+// TORCH_LIBRARY_FRAGMENT: either side may register first. Their fake (meta) implementations
+// are in fastkd/_extension.py.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <atomic>
+
+#include "kd_params.h"
+#include "kd_rows.h"
+
+#if defined(FASTKD_WITH_CUDA)
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+
+#include "kd_cuda.h"
+#endif
+
+// setup.py passes the architectures as an identifier (sm_80__sm_90__compute_90).
+#define FASTKD_STR2(x) #x
+#define FASTKD_STR(x) FASTKD_STR2(x)
+#ifndef FASTKD_CUDA_ARCHS
+#define FASTKD_CUDA_ARCHS
+#endif
+
+namespace fastkd {
+namespace {
+
+DType dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return kF32;
+    case at::kBFloat16:
+      return kBF16;
+    case at::kHalf:
+      return kF16;
+    default:
+      TORCH_CHECK(false, "fastkd: the kernels take float32, bfloat16 or float16, got ", t);
+  }
+  return kF32;  // not reached
+}
+
+KdRowsLaunch make_launch(const KdRowsCall& call) {
+  KdRowsLaunch args{};
+  args.s = call.student.data_ptr();
+  args.t = call.teacher.data_ptr();
+  args.g = call.p.compute_grad ? call.grad.data_ptr() : nullptr;
+  args.s_stride = call.student.stride(0);
+  args.t_stride = call.teacher.stride(0);
+  args.g_stride = call.p.compute_grad ? call.grad.stride(0) : 0;
+  args.s_dtype = dtype_code(call.student.scalar_type());
+  args.t_dtype = dtype_code(call.teacher.scalar_type());
+  args.labels = call.p.has_labels ? call.labels.data_ptr<int64_t>() : nullptr;
+  args.grad_scale = call.grad_scale.data_ptr<float>();
+  args.kd_out = call.kd_rows.data_ptr<float>();
+  args.ce_out = call.ce_rows.data_ptr<float>();
+  args.p = call.p;
+  return args;
+}
+
+// --- CPU ---------------------------------------------------------------------------------
+
+std::atomic<const CpuKernels*> cpu_kernels{nullptr};
+
+const CpuKernels& loaded_cpu_kernels() {
+  const CpuKernels* kernels = cpu_kernels.load();
+  TORCH_CHECK(kernels != nullptr,
+              "fastkd: no CPU kernel module is loaded (fastkd._C_cpu_<isa>); import fastkd, "
+              "or rebuild with `pip install --no-build-isolation -e .`");
+  return *kernels;
+}
+
+void set_cpu_kernels(pybind11::capsule capsule) {
+  auto* kernels = static_cast<const CpuKernels*>(
+      PyCapsule_GetPointer(capsule.ptr(), kCpuKernelsCapsule));
+  if (kernels == nullptr) throw pybind11::error_already_set();
+  TORCH_CHECK(kernels->abi == kCpuKernelsAbi, "fastkd: the CPU kernel module (", kernels->isa,
+              ") was built from other sources than fastkd._C; rebuild both");
+  cpu_kernels.store(kernels);
+}
+
+std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
+    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
+    double ce_weight, int64_t ignore_index) {
+  const CpuKernels& kernels = loaded_cpu_kernels();
+  const KdRowsCall call =
+      prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence, temperature,
+                      param, softcap, kd_grad_coef, ce_weight, ignore_index);
+  // The gradient pass finds the label's entry by comparing float32 indices: exact to 2^24.
+  TORCH_CHECK(!call.p.has_ce || call.p.V <= (int64_t{1} << 24),
+              "fastkd::kd_rows (CPU): hard-label CE takes V <= 2^24, got ", call.p.V);
+  kernels.kd_rows(make_launch(call));
+  return {call.kd_rows, call.ce_rows};
+}
+
+void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor) {
+  const CpuKernels& kernels = loaded_cpu_kernels();
+  const at::Tensor f = prepare_scale_factor(grad, factor).contiguous();
+  kernels.scale_rows(grad.data_ptr(), dtype_code(grad.scalar_type()), grad.stride(0),
+                     f.data_ptr<float>(), f.dim() == 0 ? 0 : 1, grad.size(0), grad.size(1));
+}
+
+// --- CUDA --------------------------------------------------------------------------------
+
+#if defined(FASTKD_WITH_CUDA)
+std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
+    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
+    double ce_weight, int64_t ignore_index) {
+  TORCH_CHECK(student.is_cuda(), "fastkd::kd_rows (CUDA): student must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(student.device());
+  const KdRowsCall call =
+      prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence, temperature,
+                      param, softcap, kd_grad_coef, ce_weight, ignore_index);
+  C10_CUDA_CHECK(launch_kd_rows(make_launch(call), c10::cuda::getCurrentCUDAStream()));
+  return {call.kd_rows, call.ce_rows};
+}
+
+void scale_rows_cuda(at::Tensor& grad, const at::Tensor& factor) {
+  TORCH_CHECK(grad.is_cuda(), "fastkd::scale_rows_ (CUDA): grad must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor f = prepare_scale_factor(grad, factor);
+  C10_CUDA_CHECK(launch_scale_rows(grad.data_ptr(), dtype_code(grad.scalar_type()),
+                                   grad.stride(0), f.data_ptr<float>(),
+                                   f.dim() == 0 ? 0 : f.stride(0), grad.size(0), grad.size(1),
+                                   c10::cuda::getCurrentCUDAStream()));
+}
+#endif
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["torch_version"] = TORCH_VERSION;  // the torch these ops were compiled against
+#if defined(FASTKD_WITH_CUDA)
+  info["cuda_kernels"] = true;
+  info["cuda_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
+                         std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_archs"] = FASTKD_STR(FASTKD_CUDA_ARCHS);
+#else
+  info["cuda_kernels"] = false;
+  info["cuda_version"] = pybind11::none();
+  info["cuda_archs"] = "";
+#endif
+#if defined(__clang__)
+  info["compiler"] = "clang " __clang_version__;
+#elif defined(__GNUC__)
+  info["compiler"] = "gcc " __VERSION__;
+#else
+  info["compiler"] = "unknown";
+#endif
+  const CpuKernels* kernels = cpu_kernels.load();
+  info["cpu_kernel"] = kernels ? pybind11::cast(kernels->isa) : pybind11::none();
+  return info;
+}
+
+}  // namespace
+}  // namespace fastkd
+
+TORCH_LIBRARY_FRAGMENT(fastkd, m) {
+  m.set_python_module("fastkd._extension");
+  // The row kernel (kd_rows.h): per-row KD and CE losses in float32, and when grad is given,
+  // grad_scale * dL/dstudent written into it (grad may be the student itself).
+  m.def(
+      "kd_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor(a!)? grad, "
+      "Tensor grad_scale, int divergence, float temperature, float param, float? softcap, "
+      "float kd_grad_coef, float ce_weight, int ignore_index) -> (Tensor, Tensor)");
+  // grad (N, V) *= factor (0-d, or one value per row), rows whose factor is 1 untouched.
+  m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("kd_rows", &fastkd::kd_rows_cpu);
+  m.impl("scale_rows_", &fastkd::scale_rows_cpu);
+}
+
+#if defined(FASTKD_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("kd_rows", &fastkd::kd_rows_cuda);
+  m.impl("scale_rows_", &fastkd::scale_rows_cuda);
+}
+#endif
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastkd compiled ops: fastkd::kd_rows and fastkd::scale_rows_";
+  m.def("build_info", &fastkd::build_info, "What this build of fastkd._C holds.");
+  m.def("set_cpu_kernels", &fastkd::set_cpu_kernels,
+        "Installs the CPU kernels of a fastkd._C_cpu_<isa> module (its `kernels` capsule).");
+}
