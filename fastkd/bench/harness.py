@@ -198,7 +198,7 @@ def _rel_err(actual: torch.Tensor, kind: str, expected: torch.Tensor) -> float:
         step = max(1, (1 << 24) // max(1, actual[0].numel()))
     num = den = 0.0
     for start in range(0, actual.shape[0], step):
-        a = actual[start : start + step].float()
+        a = actual[start : start + step].detach().float()
         rows = slice(0, a.shape[0]) if kind == "rows" else slice(start, start + step)
         e = expected[rows].to(a.device)
         if not bool(torch.isfinite(a).all()):
