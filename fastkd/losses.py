@@ -288,7 +288,8 @@ class KDLoss(nn.Module):
             ``"sum"``, ``"batchmean"`` (sum / student_logits.size(0), torch's KLDivLoss
             meaning) or ``"none"`` (one loss per row, shaped like the leading dims).
         inplace_backward: write the gradient over the student logits instead of a new
-            N x V buffer (the student logits' values are gone after the forward).
+            N x V buffer (the student logits' values are gone after the forward). Kernel
+            backends only: the ``"torch"`` reference materialises anyway and ignores it.
         backend: ``"auto"`` (the C++ kernel for CPU tensors, Triton for CUDA tensors, the
             PyTorch reference for float64 or when neither is available; the environment
             variable ``FASTKD_BACKEND`` replaces it), ``"triton"``, ``"cuda"`` (the CUDA
