@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,12 +41,24 @@ load_error: str | None = None  # why _C is not loaded
 cpu_error: str | None = None  # why no CPU kernel module is loaded
 
 
+def _source_checkout_note() -> str:
+    """Why an installed build can be missed: Python imports the fastkd/ folder of a source
+    checkout when run from its root, ahead of a `pip install .` in site-packages."""
+    package = Path(__file__).resolve().parent
+    if not (package.parent / "setup.py").is_file():
+        return ""
+    return (
+        f"; this fastkd is the source checkout at {package}, which has no build of its own "
+        f"and shadows any installed copy when Python runs from {package.parent}"
+    )
+
+
 def _load() -> None:
     global _C, _cpu_module, load_error, cpu_error
     try:
         _C = importlib.import_module("fastkd._C")
     except Exception as error:  # ImportError, or an OSError from a mismatched torch
-        load_error = f"{type(error).__name__}: {error}"
+        load_error = f"{type(error).__name__}: {error}" + _source_checkout_note()
         cpu_error = "fastkd._C is not loaded"
         warnings.warn(
             f"fastkd: the compiled ops (fastkd._C) could not be loaded ({load_error}); the "

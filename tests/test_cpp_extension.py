@@ -120,9 +120,13 @@ def test_python_ops_registered_first():
     assert "probe" in done.stdout and "kd_rows" in done.stdout
 
 
-def test_missing_extension_warns_once_and_falls_back(tmp_path):
-    """A copy of the package without its compiled modules still imports and runs."""
+@pytest.mark.parametrize("in_checkout", [False, True], ids=["package", "source-checkout"])
+def test_missing_extension_warns_once_and_falls_back(tmp_path, in_checkout):
+    """A copy of the package without its compiled modules still imports and runs; when the
+    copy sits in a source checkout, the warning says the checkout shadows an installed build."""
     shutil.copytree(ROOT / "fastkd", tmp_path / "fastkd", ignore=shutil.ignore_patterns("*.so"))
+    if in_checkout:
+        shutil.copy(ROOT / "setup.py", tmp_path / "setup.py")
     code = """
         import os, sys, warnings
         # An editable install (pip install -e) maps fastkd to the checkout ahead of sys.path.
@@ -136,6 +140,7 @@ def test_missing_extension_warns_once_and_falls_back(tmp_path):
             fastkd.kd_loss(s, t)  # auto: the reference on CPU tensors
         messages = [str(w.message) for w in caught if "fastkd._C" in str(w.message)]
         assert len(messages) == 1 and "pip install --no-build-isolation" in messages[0], messages
+        assert ("is the source checkout at" in messages[0]) == IN_CHECKOUT, messages
         info = fastkd.build_info()
         assert not info["compiled"] and info["cpu_kernels"] == [], info
         try:
@@ -144,7 +149,7 @@ def test_missing_extension_warns_once_and_falls_back(tmp_path):
             assert "backend='cpu' is not available" in str(error), error
             print("ok")
     """
-    done = _run_python(code, PYTHONPATH=str(tmp_path))
+    done = _run_python(f"IN_CHECKOUT = {in_checkout}\n", code, PYTHONPATH=str(tmp_path))
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
 
