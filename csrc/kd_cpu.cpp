@@ -325,14 +325,15 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
     q_above = hsum(acc_above);
     q_below = hsum(acc_below);
   }
-  kd_out[row] = kd;
+  const float no_distribution = nan_unless_distributions(lse_a.sum, lse_b.sum);
+  kd_out[row] = kd + no_distribution;
   const OnlineLse& lse_ce = ce_own ? lse_s : lse_a;  // softmax(s) at T = 1
   if (p.has_ce) ce_out[row] = (lse_ce.m - s_label) + lse_ce.log_z;
   if (!g_row) return;
 
   // The gradient: scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j - [j == y]))
   // * cap'(s_j), written as it is made, chunk by chunk.
-  const Vec kd_coef(p.kd_grad_coef * scale), ce_coef(p.ce_weight * scale), qh_sum_v(qh_sum);
+  const Vec kd_coef(p.kd_grad_coef * scale + no_distribution), ce_coef(p.ce_weight * scale), qh_sum_v(qh_sum);
   const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b);
   const bool direct = ptr.s_dtype == kF32;  // else via ea, then converted
   const Vec iota = [] {

@@ -363,15 +363,16 @@ __global__ void __launch_bounds__(kMaxTeam)
     q_above = acc[2];
     q_below = acc[3];
   }
+  const float no_distribution = nan_unless_distributions(sums[0], sums[1]);
   if (tid == 0) {
-    args.kd_out[row] = kd;
+    args.kd_out[row] = kd + no_distribution;
     if (p.has_ce) args.ce_out[row] = (m_ce - s_label) + log_z_ce;
   }
   if (!g_row) return;
 
   team_sync();  // every read of the student row above is done before it may be overwritten
   const float scale = *args.grad_scale;
-  const float kd_coef = p.kd_grad_coef * scale;
+  const float kd_coef = p.kd_grad_coef * scale + no_distribution;
   const float ce_coef = p.ce_weight * scale;
   for_row([&](int64_t i, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);

@@ -68,6 +68,14 @@ struct Ops<float> {
 // is 0. Used on the scalar maxima of the online softmax.
 KD_HD float safe_shift(float m) { return m == kNegInf ? 0.0f : m; }
 
+// 0, or NaN when the student's or the teacher's row has no distribution: a NaN or +inf logit,
+// or every logit -inf. z_a and z_b are the rows' sums of exp(x - max), in [1, V] otherwise
+// and 0 or NaN exactly then. Added to the row's divergence and to its gradient coefficient,
+// so that the masked sums of the table cannot make a finite number of such a row.
+KD_HD float nan_unless_distributions(float z_a, float z_b) {
+  return (z_a > 0.0f && z_b > 0.0f) ? 0.0f : std::numeric_limits<float>::quiet_NaN();
+}
+
 // w * (log_w - log_v), with 0 log 0 = 0: masked (-inf) entries give 0, never NaN.
 template <class F>
 KD_HD F xlogratio(F w, F log_w, F log_v) {

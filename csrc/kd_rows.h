@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <tuple>
+#include <utility>
 
 #include "kd_params.h"
 
@@ -37,6 +38,24 @@ inline void check_rows(const at::Tensor& x, const char* name, int64_t n_rows, in
               " must be float32, bfloat16 or float16, got ", x.scalar_type());
   TORCH_CHECK(x.stride(1) == 1 || V == 1, "fastkd::kd_rows: ", name,
               " must have unit stride along V, got strides ", x.strides());
+}
+
+// Byte ranges of two (N, V) row tensors overlap (same storage only: data_ptr is absolute).
+inline bool rows_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.is_alias_of(b)) return false;
+  auto span = [](const at::Tensor& x) {
+    const char* first = static_cast<const char*>(x.data_ptr());
+    return std::make_pair(first, first + ((x.size(0) - 1) * x.stride(0) + x.size(1)) *
+                                             static_cast<int64_t>(x.element_size()));
+  };
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
+  return a0 < b1 && b0 < a1;
+}
+
+inline bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.scalar_type() == b.scalar_type() &&
+         a.strides() == b.strides() && a.sizes() == b.sizes();
 }
 
 inline KdRowsCall prepare_kd_rows(const at::Tensor& student, const at::Tensor& teacher,
@@ -99,6 +118,15 @@ inline KdRowsCall prepare_kd_rows(const at::Tensor& student, const at::Tensor& t
                 ", got ", grad->scalar_type());
     TORCH_CHECK(grad->device() == student.device(),
                 "fastkd::kd_rows: grad must be on the logits' device");
+    // A row is read and its gradient written by one program: grad may be the student (or
+    // the teacher) itself, but no memory that another row, or the other input, still reads.
+    TORCH_CHECK(p.n_rows <= 1 || grad->stride(0) >= p.V,
+                "fastkd::kd_rows: the rows of grad overlap in memory, strides ",
+                grad->strides());
+    TORCH_CHECK(!rows_overlap(*grad, student) || same_view(*grad, student),
+                "fastkd::kd_rows: grad overlaps the student without being the same view");
+    TORCH_CHECK(!rows_overlap(*grad, teacher) || same_view(*grad, teacher),
+                "fastkd::kd_rows: grad overlaps the teacher without being the same view");
     call.grad = *grad;
     p.compute_grad = true;
   }

@@ -223,7 +223,7 @@ def kd_loss(
         kd, ce = kd.detach(), None if ce is None else ce.detach()
     else:
         if inplace_backward and student_logits.requires_grad:
-            _check_inplace(student_logits)
+            _check_inplace(student_logits, teacher)
         loss, kd, ce = _ops.kd_loss_kernel(
             student_logits,
             teacher,
@@ -248,7 +248,7 @@ def kd_loss(
     return loss
 
 
-def _check_inplace(student: Tensor) -> None:
+def _check_inplace(student: Tensor, teacher: Tensor) -> None:
     V = student.shape[-1]
     try:
         rows = student.view(-1, V)
@@ -260,6 +260,45 @@ def _check_inplace(student: Tensor) -> None:
             f"then be viewable as (N, V) with unit stride along V; got shape "
             f"{tuple(student.shape)} and strides {student.stride()}"
         )
+    # The kernels read a row and write its gradient in one program: memory that two rows
+    # share, or that the teacher reads elsewhere, would be read after it was overwritten.
+    if rows.shape[0] > 1 and rows.stride(0) < V:
+        raise ValueError(
+            "inplace_backward=True cannot write over student_logits whose rows overlap in "
+            f"memory (strides {student.stride()}, e.g. an expanded tensor); pass a copy or "
+            "inplace_backward=False"
+        )
+    if _memory_overlaps(student, teacher) and not _same_view(student, teacher):
+        raise ValueError(
+            "inplace_backward=True would overwrite teacher_logits while the kernel reads it: "
+            "student_logits and teacher_logits share memory without being the same view; "
+            "pass a copy of the teacher or inplace_backward=False"
+        )
+
+
+def _byte_range(x: Tensor) -> tuple[int, int]:
+    """[start, end) of the bytes x can touch in its storage."""
+    start = x.storage_offset() * x.element_size()
+    if x.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+    return start, start + (last + 1) * x.element_size()
+
+
+def _memory_overlaps(a: Tensor, b: Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
 
 
 class KDLoss(nn.Module):

@@ -96,6 +96,13 @@ def kd_loss_reference(
     log_p = F.log_softmax(t / temperature, dim=-1)
     t2 = temperature**2 if scale_by_temperature_squared else 1.0
     kd_rows = t2 * divergence_per_row(log_p, log_q, divergence, beta, alpha)
+    # A row with a NaN or +inf logit, or only -inf ones, has no distribution: its divergence
+    # is NaN, whatever the masked sums above make of it.
+    has_distributions = (
+        torch.logsumexp(s / temperature, -1).isfinite()
+        & torch.logsumexp(t / temperature, -1).isfinite()
+    )
+    kd_rows = kd_rows + torch.where(has_distributions, 0.0, math.nan)
 
     lead_shape = s.shape[:-1]
     keep = torch.ones(lead_shape, dtype=torch.bool, device=s.device)

@@ -252,6 +252,18 @@ def test_kd_rows_rejects_bad_arguments():
     strided[0] = torch.randn(37, 5).T
     with pytest.raises(RuntimeError, match="unit stride along V"):
         torch.ops.fastkd.kd_rows(*strided)
+    overlapping = list(args)
+    overlapping[3] = torch.empty(1, 37).expand(5, 37)
+    with pytest.raises(RuntimeError, match="rows of grad overlap"):
+        torch.ops.fastkd.kd_rows(*overlapping)
+    shifted = list(args)
+    both = torch.randn(6, 37)
+    shifted[0], shifted[1], shifted[3] = both[:-1], both[1:], both[:-1]
+    with pytest.raises(RuntimeError, match="grad overlaps the teacher"):
+        torch.ops.fastkd.kd_rows(*shifted)
+    shifted[3] = both[1:]
+    with pytest.raises(RuntimeError, match="grad overlaps the student"):
+        torch.ops.fastkd.kd_rows(*shifted)
 
 
 # --- torch.compile --------------------------------------------------------------------------

@@ -246,6 +246,72 @@ def test_inplace_backward_leaf(target):
     assert (s.grad.cpu().double() - s64.grad).norm() <= 1e-2 * s64.grad.norm()
 
 
+@pytest.mark.parametrize("layout", ["teacher-is-student", "disjoint-rows"])
+def test_inplace_backward_with_a_teacher_in_the_same_storage(target, layout):
+    """Sharing memory is fine when the teacher is the student's own view (each entry is read
+    before its gradient overwrites it) or lies in other rows of the storage."""
+    backend, device = target
+    gen = _generator("inplace-shared", layout)
+    leaf = make_logits((8, 33), torch.float32, device, gen).requires_grad_(True)
+    if layout == "teacher-is-student":
+        s, rows = leaf * 1.0, slice(0, 8)
+        t = s.detach()
+    else:
+        both = leaf * 1.0
+        s, t, rows = both[:4], both[4:].detach(), slice(0, 4)
+    # With teacher == student the divergence is 0: the hard-label CE carries the check.
+    labels = make_labels(s.shape[:-1], 33, "some", gen, device)
+    opts = dict(divergence="jsd", ce_weight=0.5)
+    s64 = s.detach().cpu().double().requires_grad_(True)
+    t64 = t.cpu().double()  # a copy: the call may overwrite t
+    loss = fastkd.kd_loss(s, t, labels, inplace_backward=True, backend=backend, **opts)
+    loss.backward()
+    ref, _, _ = fastkd.kd_loss_reference(s64, t64, labels.cpu(), **opts)
+    ref.backward()
+    torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(leaf.grad[rows].cpu().double(), s64.grad, rtol=1e-4, atol=1e-8)
+    assert torch.count_nonzero(leaf.grad[rows.stop :]) == 0
+
+
+BAD_ROWS = {
+    "nan-student": ("s", 5, float("nan")),
+    "nan-teacher": ("t", 5, float("nan")),
+    "inf-student": ("s", 5, float("inf")),
+    "masked-student": ("s", slice(None), float("-inf")),
+    "masked-teacher": ("t", slice(None), float("-inf")),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_a_row_without_a_distribution_is_nan(target, divergence, case):
+    """A NaN or +inf logit, or a row of -inf only, makes that row's loss and gradient NaN in
+    the kernels and the reference alike; the other rows keep their values, and a row ignored
+    through its label stays 0."""
+    backend, device = target
+    gen = _generator("no-distribution", divergence, case)
+    s = make_logits((4, 40), torch.float32, device, gen)
+    t = make_logits((4, 40), torch.float32, device, gen)
+    labels = torch.tensor([3, 11, 0, -100], device=device)
+    which, cols, value = BAD_ROWS[case]
+    for row in (1, 3):
+        (s if which == "s" else t)[row, cols] = value
+    opts = dict(divergence=divergence, temperature=2.0, ce_weight=0.5, reduction="none")
+    s.requires_grad_(True)
+    out = fastkd.kd_loss(s, t, labels, backend=backend, **opts)
+    out.backward(torch.ones_like(out))
+    s64 = s.detach().cpu().double().requires_grad_(True)
+    ref, _, _ = fastkd.kd_loss_reference(s64, t.cpu().double(), labels.cpu(), **opts)
+    ref.backward(torch.ones_like(ref))
+
+    assert torch.isnan(ref[1]) and torch.isnan(out[1]), (ref, out)
+    assert torch.isnan(s.grad[1]).all(), s.grad[1]
+    assert out[3] == 0 and torch.count_nonzero(s.grad[3]) == 0
+    good = [0, 2]
+    torch.testing.assert_close(out[good].cpu().double(), ref[good], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.grad[good].cpu().double(), s64.grad[good], rtol=1e-4, atol=1e-7)
+
+
 def test_no_grad_computes_loss_only(target, monkeypatch):
     """Without a gradient to compute, the kernel gets no gradient buffer."""
     backend, device = target

@@ -184,3 +184,33 @@ def test_inplace_backward_needs_viewable_rows():
         inplace_backward=True,
         backend="triton",
     )
+
+
+def _kernel_backend(device):
+    for name in ("cpu", "triton"):
+        if _backends.is_available(name, device)[0]:
+            return name
+    pytest.skip("no kernel backend for CPU tensors here (no fastkd._C, TRITON_INTERPRET unset)")
+
+
+def test_inplace_backward_rejects_overlapping_rows():
+    row = (torch.randn(1, 10) * 3).requires_grad_(True)
+    s = row.expand(4, 10)  # four rows, one row of memory
+    backend = _kernel_backend(s.device)
+    _raises(
+        ValueError, "rows overlap", s, torch.randn(4, 10), inplace_backward=True, backend=backend
+    )
+
+
+def test_inplace_backward_rejects_a_teacher_it_would_overwrite():
+    x = (torch.randn(5, 10) * 3).requires_grad_(True) * 1.0
+    backend = _kernel_backend(x.device)
+    # The causal shift of one tensor: row i of the teacher is row i + 1 of the student.
+    _raises(
+        ValueError,
+        "overwrite teacher_logits",
+        x[:-1],
+        x[1:].detach(),
+        inplace_backward=True,
+        backend=backend,
+    )

@@ -14,6 +14,7 @@ Every sum, exp and log is float32; row offsets are int64.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -29,6 +30,7 @@ JSD = tl.constexpr(DIVERGENCES["jsd"].code)
 SKEW_FORWARD_KL = tl.constexpr(DIVERGENCES["skew_forward_kl"].code)
 SKEW_REVERSE_KL = tl.constexpr(DIVERGENCES["skew_reverse_kl"].code)
 TVD = tl.constexpr(DIVERGENCES["tvd"].code)
+NAN = tl.constexpr(float("nan"))
 
 NEG_INF = tl.constexpr(float("-inf"))
 
@@ -218,6 +220,10 @@ def kd_row_kernel(
     m_b = _safe_shift(m_b)
     log_z_a = tl.log(z_a)
     log_z_b = tl.log(z_b)
+    # NaN when a row has no distribution (a NaN or +inf logit, or all -inf: z is then NaN or
+    # 0), added to the divergence and the gradient's coefficient: csrc/kd_math.h's
+    # nan_unless_distributions.
+    no_distribution = tl.where((z_a > 0.0) & (z_b > 0.0), 0.0, NAN)
 
     # The loss, and S = sum_k q_k g_k for the gradient.
     if ONE_PASS_LOSS:
@@ -262,7 +268,7 @@ def kd_row_kernel(
             s_label = softcap * _tanh(s_label / softcap)
         ce = (m_s - s_label) + log_z_s
         tl.store(ce_rows_ptr + row, tl.where(ignored, 0.0, ce))
-    tl.store(kd_rows_ptr + row, tl.where(ignored, 0.0, kd))
+    tl.store(kd_rows_ptr + row, tl.where(ignored, 0.0, kd + no_distribution))
 
     if COMPUTE_GRAD:
         # Last pass: it reads a block before writing it, so grad_ptr may alias s_ptr.
@@ -281,7 +287,7 @@ def kd_row_kernel(
                 d_a = tl.where(qh > 0.0, q * q_below, tl.where(qh < 0.0, -q * q_above, 0.0))
             else:
                 d_a = qh - q * qh_sum
-            g = kd_grad_coef * d_a
+            g = (kd_grad_coef + no_distribution) * d_a
             if HAS_CE:
                 softmax_s = tl.exp((s - m_s) - log_z_s)
                 g += ce_weight * (softmax_s - tl.where(cols == label, 1.0, 0.0))
@@ -319,6 +325,11 @@ def _num_warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
+def _launch_device(x: torch.Tensor):
+    """Triton launches on the current CUDA device and its stream: make that x's device."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
 def kd_rows(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -347,35 +358,36 @@ def kd_rows(
     block = _block_size(V)
     has_ce = labels is not None and ce_weight != 0
     w = param if div.param else 0.5
-    kd_row_kernel[(n_rows,)](
-        student,
-        student.stride(0),
-        teacher,
-        teacher.stride(0),
-        labels if labels is not None else kd_out,
-        grad if grad is not None else student,
-        grad.stride(0) if grad is not None else 0,
-        kd_out,
-        ce_out,
-        grad_scale,
-        V,
-        1.0 / temperature,
-        softcap if softcap is not None else 1.0,
-        w,
-        math.log(w),
-        math.log1p(-w),
-        kd_grad_coef,
-        ce_weight,
-        ignore_index,
-        DIV=div.code,
-        ONE_PASS_LOSS=div.one_pass_loss,
-        HAS_LABELS=labels is not None,
-        HAS_CE=has_ce,
-        SOFTCAP=softcap is not None,
-        COMPUTE_GRAD=grad is not None,
-        BLOCK=block,
-        num_warps=_num_warps(block),
-    )
+    with _launch_device(student):
+        kd_row_kernel[(n_rows,)](
+            student,
+            student.stride(0),
+            teacher,
+            teacher.stride(0),
+            labels if labels is not None else kd_out,
+            grad if grad is not None else student,
+            grad.stride(0) if grad is not None else 0,
+            kd_out,
+            ce_out,
+            grad_scale,
+            V,
+            1.0 / temperature,
+            softcap if softcap is not None else 1.0,
+            w,
+            math.log(w),
+            math.log1p(-w),
+            kd_grad_coef,
+            ce_weight,
+            ignore_index,
+            DIV=div.code,
+            ONE_PASS_LOSS=div.one_pass_loss,
+            HAS_LABELS=labels is not None,
+            HAS_CE=has_ce,
+            SOFTCAP=softcap is not None,
+            COMPUTE_GRAD=grad is not None,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
     return kd_out, ce_out
 
 
@@ -386,12 +398,13 @@ def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
         return
     factor = factor.to(device=grad.device)
     block = _block_size(V)
-    scale_rows_kernel[(n_rows,)](
-        grad,
-        grad.stride(0),
-        factor,
-        0 if factor.dim() == 0 else factor.stride(0),
-        V,
-        BLOCK=block,
-        num_warps=_num_warps(block),
-    )
+    with _launch_device(grad):
+        scale_rows_kernel[(n_rows,)](
+            grad,
+            grad.stride(0),
+            factor,
+            0 if factor.dim() == 0 else factor.stride(0),
+            V,
+            BLOCK=block,
+            num_warps=_num_warps(block),
+        )
