@@ -126,8 +126,9 @@ def _kd_forward(
     reduction: str,
     backend: str,
     grad: Optional[Tensor],
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Runs the row kernel (gradient into ``grad`` when given) and reduces: (loss, kd, ce)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Runs the row kernel (gradient into ``grad`` when given) and reduces: (loss, kd, ce,
+    the reduction's factor); the gradient lacks that factor when :func:`_defers_scale`."""
     V = student.shape[-1]
     s2 = _rows(student, V)
     t2 = _rows(teacher, V)
@@ -144,7 +145,7 @@ def _kd_forward(
         t2,
         labels1,
         None if grad is None else grad.view(n_rows, V),
-        scale,
+        torch.ones_like(scale) if _defers_scale(student, reduction) else scale,
         divergence,
         temperature,
         param,
@@ -154,9 +155,17 @@ def _kd_forward(
         ce_weight,
         ignore_index,
     )
-    return _reduce_rows(
+    loss, kd, ce = _reduce_rows(
         kd_rows, ce_rows, scale, reduction, student.shape[:-1], kd_weight, ce_weight
     )
+    return loss, kd, ce, scale
+
+
+def _defers_scale(student: Tensor, reduction: str) -> bool:
+    """A float16 gradient gets the reduction's factor in the backward, with grad_output:
+    stored as (q - p) / N it would flush to zero (below 6e-8) before a GradScaler's
+    grad_output of 2^16 could lift it. bfloat16 has float32's range."""
+    return student.dtype == torch.float16 and reduction in ("mean", "batchmean")
 
 
 def _loss_shape(student: Tensor, reduction: str) -> torch.Size:
@@ -180,14 +189,15 @@ def kd_loss_op(
     reduction: str,
     backend: str,
     compute_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, kd, ce, grad): grad is dloss/dstudent shaped like the student, or empty."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(loss, kd, ce, grad, grad_factor): grad is dloss/dstudent shaped like the student (or
+    empty), short of the 0-d grad_factor when :func:`_defers_scale`."""
     grad = (
         torch.empty(student.shape, dtype=student.dtype, device=student.device)
         if compute_grad
         else student.new_empty(0)
     )
-    loss, kd, ce = _kd_forward(
+    loss, kd, ce, grad_factor = _kd_forward(
         student,
         teacher,
         labels,
@@ -204,7 +214,7 @@ def kd_loss_op(
         backend,
         grad if compute_grad else None,
     )
-    return loss, kd, ce, grad
+    return loss, kd, ce, grad, grad_factor
 
 
 @kd_loss_op.register_fake
@@ -228,7 +238,7 @@ def _kd_loss_fake(
     shape = _loss_shape(student, reduction)
     out = [student.new_empty(shape, dtype=torch.float32) for _ in range(3)]
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
-    return out[0], out[1], out[2], grad
+    return out[0], out[1], out[2], grad, student.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("fastkd::kd_loss_inplace", mutates_args=("student",))
@@ -247,8 +257,9 @@ def kd_loss_inplace_op(
     ignore_index: int,
     reduction: str,
     backend: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, kd, ce), with dloss/dstudent written over the student logits."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, kd, ce, grad_factor), with dloss/dstudent written over the student logits (short
+    of grad_factor when :func:`_defers_scale`)."""
     return _kd_forward(
         student,
         teacher,
@@ -286,7 +297,8 @@ def _kd_loss_inplace_fake(
     backend,
 ):
     shape = _loss_shape(student, reduction)
-    return tuple(student.new_empty(shape, dtype=torch.float32) for _ in range(3))
+    out = tuple(student.new_empty(shape, dtype=torch.float32) for _ in range(3))
+    return out + (student.new_empty((), dtype=torch.float32),)
 
 
 @torch.library.custom_op("fastkd::scale_grad_", mutates_args=("grad",))
@@ -303,21 +315,40 @@ def _scale_grad_fake(grad, grad_output, backend):
     return None
 
 
-def _backward(ctx, d_loss, d_kd, d_ce, d_grad):
-    (grad,) = ctx.saved_tensors
+def _scale_stored_grad(ctx, d_loss: Tensor) -> Tensor:
+    """The stored gradient times grad_output (and the deferred factor), in place."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "fastkd: KDLoss has no double backward (create_graph=True): its gradient is "
+            "computed in the forward; use backend='torch' for higher-order gradients"
+        )
+    if ctx.backward_done:
+        raise RuntimeError(
+            "fastkd: a second backward through one KDLoss call (retain_graph=True): the first "
+            "already scaled the stored gradient in place; compute the loss again instead"
+        )
+    ctx.backward_done = True
+    grad, grad_factor = ctx.saved_tensors
+    factor = d_loss * grad_factor if ctx.defers_scale else d_loss
+    torch.ops.fastkd.scale_grad_(grad, factor, ctx.backend)
+    return grad
+
+
+def _backward(ctx, d_loss, d_kd, d_ce, d_grad, d_grad_factor):
     if d_loss is None:
         return (None,) * 15
-    torch.ops.fastkd.scale_grad_(grad, d_loss, ctx.backend)
-    return (grad,) + (None,) * 14
+    return (_scale_stored_grad(ctx, d_loss),) + (None,) * 14
 
 
 def _setup_context(ctx, inputs, output):
     ctx.backend = inputs[13]
-    ctx.save_for_backward(output[3])
+    ctx.defers_scale = _defers_scale(inputs[0], inputs[12])
+    ctx.backward_done = False
+    ctx.save_for_backward(output[3], output[4])
     # kd and ce are for logging and grad is the stored gradient: none of them gets a
     # gradient, and the backward takes None for them. Else autograd hands it zeros for each,
     # an N x V tensor for grad: memory, and a memset the size of the gradient itself.
-    ctx.mark_non_differentiable(output[1], output[2], output[3])
+    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
     ctx.set_materialize_grads(False)
 
 
@@ -329,19 +360,19 @@ class _KDLossInplace(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, num_items_in_batch, *config):
-        loss, kd, ce = torch.ops.fastkd.kd_loss_inplace(
+        loss, kd, ce, grad_factor = torch.ops.fastkd.kd_loss_inplace(
             student, teacher, labels, num_items_in_batch, *config
         )
         ctx.backend = config[-1]
-        ctx.save_for_backward(student)
+        ctx.defers_scale = _defers_scale(student, config[-2])
+        ctx.backward_done = False
+        ctx.save_for_backward(student, grad_factor)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
     def backward(ctx, d_loss, d_kd, d_ce):
-        (grad,) = ctx.saved_tensors
-        torch.ops.fastkd.scale_grad_(grad, d_loss, ctx.backend)
-        return (grad,) + (None,) * 13
+        return (_scale_stored_grad(ctx, d_loss),) + (None,) * 13
 
 
 def kd_loss_kernel(
@@ -378,7 +409,7 @@ def kd_loss_kernel(
     compute_grad = torch.is_grad_enabled() and student.requires_grad
     if compute_grad and inplace_backward:
         return _KDLossInplace.apply(student, teacher, labels, num_items_in_batch, *config)
-    loss, kd, ce, _ = torch.ops.fastkd.kd_loss(
+    loss, kd, ce, _, _ = torch.ops.fastkd.kd_loss(
         student, teacher, labels, num_items_in_batch, *config, compute_grad
     )
     return loss, kd.detach(), ce.detach()

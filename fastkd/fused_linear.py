@@ -16,6 +16,7 @@ from ._fused_linear_ops import _chunk_rows, _Config, _wide, fused_linear_kd
 from .losses import (
     KDLossOutput,
     _check_ce_labels,
+    _check_flags,
     _check_labels_for,
     _check_num_items,
     _check_options,
@@ -143,6 +144,10 @@ def fused_linear_kd_loss(
         divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight, ignore_index,
         reduction, backend,
     )  # fmt: skip
+    _check_flags(
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        return_components=return_components,
+    )
     _check_chunking(chunk_size, memory_budget)
     _check_head("student", student_hidden, student_weight, student_bias)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
@@ -238,6 +243,7 @@ class FusedLinearKDLoss(nn.Module):
             divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight,
             ignore_index, reduction, backend,
         )  # fmt: skip
+        _check_flags(scale_by_temperature_squared=scale_by_temperature_squared)
         _check_chunking(chunk_size, memory_budget)
         self.options = dict(
             divergence=divergence,

@@ -32,10 +32,18 @@ class KDLossOutput(NamedTuple):
 def _check_number(name: str, value, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value) or (positive and value <= 0):
+    # Comparisons rather than math.isfinite, which torch.compile(dynamic=True) cannot trace
+    # on a symbolic float; NaN fails them too.
+    if not (-math.inf < value < math.inf) or (positive and value <= 0):
         rule = "a finite number > 0" if positive else "a finite number"
         raise ValueError(f"{name} must be {rule}, got {value!r}")
     return float(value)
+
+
+def _check_flags(**flags) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_options(
@@ -126,8 +134,12 @@ def _check_labels_for(
     if labels.device != device:
         raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
     valid = (labels == ignore_index) | ((labels >= 0) & (labels < V))
-    message = f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}"
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+    _check_values(valid, f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
+
+
+def _check_values(valid: Tensor, message: str) -> None:
+    """ValueError unless ``valid`` is all true: at once on CPU, else with the kernels."""
+    if valid.device.type == "cpu" and not torch.compiler.is_compiling():
         if not bool(valid.all()):
             raise ValueError(message)
     else:
@@ -145,12 +157,23 @@ def _check_num_items(num_items_in_batch, device: torch.device) -> Tensor | None:
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, Tensor):
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
+            raise TypeError(
+                f"num_items_in_batch must hold a real number, got dtype {num_items_in_batch.dtype}"
+            )
         if num_items_in_batch.numel() != 1:
             raise ValueError(
                 f"num_items_in_batch must hold one number, got shape "
                 f"{tuple(num_items_in_batch.shape)}"
             )
-        return num_items_in_batch.reshape(())
+        count = num_items_in_batch.reshape(())
+        # 0 is let through (and counts as 1): a trainer hands it over when every label of the
+        # accumulated batch is ignored, and the loss is then 0.
+        _check_values(
+            torch.isfinite(count) & (count >= 0),
+            "num_items_in_batch must be a finite number >= 0",
+        )
+        return count
     if _check_number("num_items_in_batch", num_items_in_batch) <= 0:
         raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
     return torch.full((), float(num_items_in_batch), device=device)
@@ -194,6 +217,11 @@ def kd_loss(
         ignore_index,
         reduction,
         backend,
+    )
+    _check_flags(
+        scale_by_temperature_squared=scale_by_temperature_squared,
+        inplace_backward=inplace_backward,
+        return_components=return_components,
     )
     _check_logits(student_logits, teacher_logits)
     _check_labels(labels, student_logits, ignore_index)
@@ -367,6 +395,10 @@ class KDLoss(nn.Module):
             ignore_index,
             reduction,
             backend,
+        )
+        _check_flags(
+            scale_by_temperature_squared=scale_by_temperature_squared,
+            inplace_backward=inplace_backward,
         )
         self.options = dict(
             divergence=divergence,

@@ -111,7 +111,7 @@ def kd_loss_reference(
 
     ce_rows = None
     if ce_weight != 0:
-        safe_labels = torch.where(keep, labels, 0).unsqueeze(-1)
+        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
         ce_rows = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels).squeeze(-1)
 
     def reduce(rows: Tensor) -> Tensor:

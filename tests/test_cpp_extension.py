@@ -315,22 +315,30 @@ def test_torch_compile_fullgraph_matches_eager():
 
 
 @needs_cpu_kernel
-def test_torch_compile_model_and_loss_in_one_graph():
-    """Model and loss in one compiled function: no graph break (fullgraph=True)."""
+@pytest.mark.parametrize(
+    "dynamic,dtype",
+    [(None, torch.float32), (True, torch.float32), (None, torch.float16)],
+    ids=["static", "dynamic", "float16"],  # float16: the reduction's factor in the backward
+)
+def test_torch_compile_model_and_loss_in_one_graph(dynamic, dtype):
+    """Model and loss in one compiled function: no graph break (fullgraph=True), also with
+    dynamic shapes (symbolic N and options) over batches of two sizes."""
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(4)
-    w = torch.randn(50, 12, generator=gen).requires_grad_(True)
-    x = torch.randn(9, 12, generator=gen)
-    t = make_logits((9, 50), torch.float32, "cpu", gen)
+    w = torch.randn(50, 12, generator=gen).to(dtype).requires_grad_(True)
 
     def f(w, x, t):
-        return fastkd.kd_loss(x @ w.T, t, divergence="forward_kl", temperature=2.0)
+        return fastkd.kd_loss(x @ w.T, t, divergence="forward_kl", temperature=2.0) * 3.0
 
-    (g_eager,) = torch.autograd.grad(f(w, x, t), w)
-    loss = torch.compile(f, fullgraph=True)(w, x, t)
-    (g_comp,) = torch.autograd.grad(loss, w)
-    torch.testing.assert_close(loss, f(w, x, t), rtol=1e-5, atol=0)
-    torch.testing.assert_close(g_comp, g_eager, rtol=1e-4, atol=1e-7)
+    compiled = torch.compile(f, fullgraph=True, dynamic=dynamic)
+    for n_rows in (9, 13):
+        x = torch.randn(n_rows, 12, generator=gen).to(dtype)
+        t = make_logits((n_rows, 50), dtype, "cpu", gen)
+        (g_eager,) = torch.autograd.grad(f(w, x, t), w)
+        loss = compiled(w, x, t)
+        (g_comp,) = torch.autograd.grad(loss, w)
+        torch.testing.assert_close(loss, f(w, x, t), rtol=1e-5, atol=0)
+        torch.testing.assert_close(g_comp, g_eager, rtol=1e-4, atol=1e-7)
 
 
 # --- the CPU kernel at real sizes -----------------------------------------------------------

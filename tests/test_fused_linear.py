@@ -378,6 +378,9 @@ def _bad_call(**changes):
         (dict(memory_budget=True), TypeError, "memory_budget"),
         (dict(divergence="kl"), ValueError, "divergence"),
         (dict(temperature=0.0), ValueError, "temperature"),
+        (dict(scale_by_temperature_squared="no"), TypeError, "True or False"),
+        (dict(return_components=None), TypeError, "return_components"),
+        (dict(num_items_in_batch=torch.tensor(-1.0)), ValueError, "num_items_in_batch"),
     ],
     ids=lambda x: x if isinstance(x, str) else None,
 )
@@ -391,6 +394,8 @@ def test_module_checks_options_at_construction():
         fastkd.FusedLinearKDLoss(memory_budget=-1)
     with pytest.raises(ValueError, match="beta"):
         fastkd.FusedLinearKDLoss("jsd", beta=1.5)
+    with pytest.raises(TypeError, match="scale_by_temperature_squared"):
+        fastkd.FusedLinearKDLoss(scale_by_temperature_squared=0)
 
 
 # --- chunk sizing --------------------------------------------------------------------------

@@ -4,7 +4,15 @@ import zlib
 
 import pytest
 import torch
-from kd_testing import DTYPES, check_against_reference, kernel_targets, make_labels, make_logits
+from kd_testing import (
+    DTYPES,
+    GRAD_TOL,
+    check_against_reference,
+    kernel_targets,
+    make_labels,
+    make_logits,
+    rel_err,
+)
 
 import fastkd
 
@@ -312,6 +320,32 @@ def test_a_row_without_a_distribution_is_nan(target, divergence, case):
     torch.testing.assert_close(s.grad[good].cpu().double(), s64.grad[good], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "batchmean"])
+def test_float16_gradient_under_a_loss_scale(target, reduction, inplace):
+    """fp16 training: a GradScaler's grad_output (2^16) after a mean over many items. The
+    float16 gradient keeps the reduction's factor for the backward, so its small entries are
+    not flushed to zero before the loss scale lifts them."""
+    backend, device = target
+    gen = _generator("fp16-loss-scale", reduction, inplace)
+    # mean over the 65536 tokens of an accumulated batch; batchmean of one 1-D row (/ V).
+    shape = (64, 1024) if reduction == "mean" else (32768,)
+    s = make_logits(shape, torch.float16, device, gen)
+    t = make_logits(shape, torch.float16, device, gen)
+    opts = dict(divergence="jsd", temperature=2.0, reduction=reduction)
+    if reduction == "mean":
+        opts["num_items_in_batch"] = 65536
+    s64 = s.cpu().double().requires_grad_(True)  # before s may hold its gradient
+    s.requires_grad_(True)
+    loss = fastkd.kd_loss(s, t, backend=backend, inplace_backward=inplace, **opts)
+    (loss * 65536.0).backward()
+    ref, _, _ = fastkd.kd_loss_reference(s64, t.cpu().double(), **opts)
+    (ref * 65536.0).backward()
+    torch.testing.assert_close(loss.cpu().double(), ref, rtol=1e-5, atol=0)
+    grad_err = rel_err(s.grad, s64.grad)
+    assert grad_err <= GRAD_TOL[torch.float16], f"grad rel err {grad_err:.3e}"
+
+
 def test_no_grad_computes_loss_only(target, monkeypatch):
     """Without a gradient to compute, the kernel gets no gradient buffer."""
     backend, device = target
@@ -387,19 +421,26 @@ def test_row_strides(target):
     big_t = make_logits((3, 6, 50), torch.float32, device, gen)
     s, t = big_s[:, 10:50], big_t[1, :, 5:45]
     assert s.stride() == (80, 1) and t.stride() == (50, 1)
-    labels = make_labels((6,), 40, "some", gen, device)
+    labels = make_labels((6, 2), 40, "some", gen, device)[:, 1]  # strided labels too
+    assert labels.stride() == (2,)
     check_against_reference(s, t, labels, backend, gen, divergence="reverse_kl", ce_weight=0.2)
     transposed = make_logits((40, 6), torch.float32, device, gen).T  # stride(-1) != 1: copied
     check_against_reference(transposed, t, labels, backend, gen, divergence="forward_kl")
 
 
-def test_int32_labels(target):
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int16, torch.uint8], ids=str)
+def test_narrow_integer_labels(target, dtype):
+    """Any integer labels, in the kernels and in the torch backend (int64 inside)."""
     backend, device = target
-    gen = _generator("int32")
+    gen = _generator("labels", dtype)
     s = make_logits((5, 31), torch.float32, device, gen)
     t = make_logits((5, 31), torch.float32, device, gen)
-    labels = make_labels((5,), 31, "some", gen, device).to(torch.int32)
-    check_against_reference(s, t, labels, backend, gen, divergence="soft_ce", ce_weight=1.0)
+    labels = make_labels((5,), 31, "some" if dtype.is_signed else "none", gen, device)
+    if labels is None:
+        labels = torch.randint(0, 31, (5,), generator=gen).to(device)
+    labels = labels.to(dtype)
+    for name in (backend, "torch"):
+        check_against_reference(s, t, labels, name, gen, divergence="soft_ce", ce_weight=1.0)
 
 
 def test_module_matches_functional(target):
@@ -423,8 +464,21 @@ def test_second_backward_raises(target, inplace):
     t = make_logits((3, 11), torch.float32, device, gen)
     loss = fastkd.kd_loss(s, t, backend=backend, inplace_backward=inplace)
     (loss * 2).backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+    with pytest.raises(RuntimeError, match="a second backward through one KDLoss call"):
         loss.backward()
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_double_backward_raises(target, inplace):
+    """The gradient is made in the forward, so it has no graph of its own: create_graph=True
+    must fail loudly rather than give a Hessian without the loss's part."""
+    backend, device = target
+    gen = _generator("create-graph", inplace)
+    x = make_logits((3, 11), torch.float32, device, gen).requires_grad_(True)
+    t = make_logits((3, 11), torch.float32, device, gen)
+    loss = fastkd.kd_loss(x * 1.0, t, backend=backend, inplace_backward=inplace)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])

@@ -139,6 +139,22 @@ def test_bad_num_items_in_batch():
         t,
         num_items_in_batch=torch.tensor([1, 2]),
     )
+    for bad in (torch.tensor(-5), torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        _raises(ValueError, "num_items_in_batch must be a finite number >= 0", s, t,
+                num_items_in_batch=bad)  # fmt: skip
+    _raises(TypeError, "num_items_in_batch must hold a real number", s, t,
+            num_items_in_batch=torch.tensor(True))  # fmt: skip
+
+
+@pytest.mark.parametrize("flag", ["scale_by_temperature_squared", "inplace_backward",
+                                  "return_components"])  # fmt: skip
+def test_flags_must_be_bools(flag):
+    s, t = _inputs()
+    _raises(TypeError, f"{flag} must be True or False", s, t, **{flag: "no"})
+    _raises(TypeError, f"{flag} must be True or False", s, t, **{flag: None})
+    if flag != "return_components":
+        with pytest.raises(TypeError, match=f"{flag} must be True or False"):
+            fastkd.KDLoss(**{flag: 1})
 
 
 def test_different_devices():

@@ -350,6 +350,8 @@ def kd_rows(
     ``grad`` (N, V), or None for loss only, receives grad_scale * dL/ds; it may be ``student``.
     """
     n_rows, V = student.shape
+    if labels is not None:
+        labels = labels.contiguous()  # the kernel reads labels_ptr + row
     kd_out = torch.empty(n_rows, dtype=torch.float32, device=student.device)
     ce_out = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
     if n_rows == 0:
