@@ -1,8 +1,9 @@
 """KDLoss as torch ops: ``fastkd::kd_loss`` and its in-place twin, with autograd.
 
 The forward runs a row kernel that computes the loss and, when the student needs a
-gradient, the gradient already scaled by the reduction's factor (design.md §3). The backward
-only multiplies that stored gradient by grad_output (skipped on the device where it is 1).
+gradient, the gradient already scaled by the reduction's factor (design.md §3; float16
+gradients get it in the backward, see _defers_scale). The backward only multiplies that stored
+gradient by grad_output (skipped on the device where it is 1).
 The ops are opaque to torch.compile (fake implementations give their shapes), so a compiled
 model calls the same kernels with no graph break.
 """
