@@ -8,8 +8,10 @@
 The integration is :class:`DistillationTrainer` (a ``compute_loss`` override, 30 lines):
 
 - causal-LM shift: the logits (or final hidden state) at position i are scored against the
-  token at i + 1, so the rows are ``[:, :-1]`` and their labels ``labels[:, 1:]``; the KD
-  rows are exactly the CE rows (labels of -100, i.e. prompt and padding, drop out of both);
+  token at i + 1. The labels are shifted, not the logits: ``labels[:, 1:]`` padded with -100
+  at the end, so the last position drops out and the logits go in whole (a ``[:, :-1]``
+  slice would make the loss copy both N x V tensors). The KD rows are exactly the CE rows
+  (labels of -100, i.e. prompt and padding, drop out of both);
 - ``num_items_in_batch`` (the Trainer's count of ``labels[:, 1:] != -100`` over all the
   micro-batches of one optimizer step) is passed through, so gradient accumulation divides
   by the tokens of the whole accumulated batch, like the Trainer's own causal-LM loss;
@@ -128,12 +130,13 @@ class DistillationTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")  # the loss is ours: the model computes none
-        next_tokens = labels[:, 1:]  # row i (logits at position i) is scored against token i+1
+        # Row i (logits at position i) is scored against token i + 1; the last has none.
+        next_tokens = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
         outputs = None
         if self.fused_linear:
-            student_hidden = final_hidden_states(model, inputs)[:, :-1]
+            student_hidden = final_hidden_states(model, inputs)
             with torch.no_grad():
-                teacher_hidden = final_hidden_states(self.teacher_model, inputs)[:, :-1]
+                teacher_hidden = final_hidden_states(self.teacher_model, inputs)
             student_head = self.accelerator.unwrap_model(model).get_output_embeddings()
             teacher_head = self.teacher_model.get_output_embeddings()
             loss = self.loss_fn(
@@ -149,8 +152,8 @@ class DistillationTrainer(Trainer):
             with torch.no_grad():
                 teacher_logits = self.teacher_model(**inputs).logits
             loss = self.loss_fn(
-                outputs.logits[:, :-1],
-                teacher_logits[:, :-1],
+                outputs.logits,
+                teacher_logits,
                 next_tokens,
                 num_items_in_batch=num_items_in_batch,
             )
