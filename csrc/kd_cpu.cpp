@@ -333,7 +333,8 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
 
   // The gradient: scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j - [j == y]))
   // * cap'(s_j), written as it is made, chunk by chunk.
-  const Vec kd_coef(p.kd_grad_coef * scale + no_distribution), ce_coef(p.ce_weight * scale), qh_sum_v(qh_sum);
+  const Vec kd_coef(p.kd_grad_coef * scale + no_distribution), ce_coef(p.ce_weight * scale);
+  const Vec qh_sum_v(qh_sum);
   const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b);
   const bool direct = ptr.s_dtype == kF32;  // else via ea, then converted
   const Vec iota = [] {
