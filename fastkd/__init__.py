@@ -1,5 +1,6 @@
 """fastkd: fused knowledge-distillation losses for large vocabularies."""
 
+from ._config import KDOptions
 from ._extension import build_info
 from .divergences import DIVERGENCES, REDUCTIONS
 from .fused_linear import FusedLinearKDLoss, fused_linear_kd_loss
@@ -12,6 +13,7 @@ __all__ = [
     "FusedLinearKDLoss",
     "KDLoss",
     "KDLossOutput",
+    "KDOptions",
     "build_info",
     "fused_linear_kd_loss",
     "kd_loss",

@@ -1,10 +1,12 @@
-"""Which row kernels exist, and which one ``backend="auto"`` picks.
+"""The registry of backends: which row kernels exist, and which one ``backend="auto"`` picks.
 
-A row kernel has the signature of :func:`fastkd.triton.kd_kernels.kd_rows` (loss per row,
-gradient written into a caller's buffer) and a companion ``scale_rows_`` (the backward):
-``"triton"`` (fastkd/triton), ``"cpu"`` and ``"cuda"`` (the compiled ops of csrc/, through
-fastkd/_extension.py). ``"torch"`` is not a row kernel: it runs :mod:`fastkd.reference` under
-autograd.
+A backend is one :class:`Backend` entry: its name, the devices it runs on, an availability
+check, and its row kernels (the :class:`fastkd._rows.RowKernel` interface), imported on first
+use. ``"triton"`` (fastkd/triton), ``"cpu"`` and ``"cuda"`` (the compiled ops of csrc/, through
+fastkd/_extension.py) are kernel backends: float32 arithmetic behind fastkd's custom ops.
+``"torch"`` is the spec (:mod:`fastkd.reference`): KDLoss runs it under autograd, and
+FusedLinearKDLoss runs it chunk by chunk through the same row interface
+(fastkd/_reference_rows.py).
 
 ``auto`` picks, by device: CPU tensors -> the C++ CPU kernel (the reference when it is not
 built); CUDA tensors -> Triton (the faster of Triton and CUDA as measured; Triton until a GPU
@@ -15,15 +17,16 @@ says otherwise), then the CUDA kernel, then the reference. The environment varia
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from . import _extension
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
-KERNEL_BACKENDS = ("triton", "cuda", "cpu")
 BACKEND_ENV = "FASTKD_BACKEND"
 
 
@@ -35,37 +38,75 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _triton_available(device: torch.device) -> tuple[bool, str]:
+    if not triton_available():
+        return False, "the triton package is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
+        return True, ""
+    return False, (
+        f"Triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
+        f"got {device.type} tensors"
+    )
+
+
+def _compiled_available(device_type: str, check: Callable[[], tuple[bool, str]], what: str):
+    def available(device: torch.device) -> tuple[bool, str]:
+        if device.type != device_type:
+            return (
+                False,
+                f"the {what} runs on {device_type.upper()} tensors, got {device.type} tensors",
+            )
+        return check()
+
+    return available
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    devices: tuple[str, ...]  # device types it can run on (given available() says yes)
+    available: Callable[[torch.device], tuple[bool, str]]  # (available, why not)
+    module: str  # the module whose row_kernel and scale_rows_ it runs
+    is_kernel: bool  # float32 kernel behind the custom ops (False: the float64-able spec)
+
+
+REGISTRY: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("triton", ("cuda", "cpu"), _triton_available, "fastkd.triton.kd_kernels", True),
+        Backend(
+            "cuda", ("cuda",),
+            _compiled_available("cuda", _extension.cuda_available, "CUDA kernel"),
+            "fastkd._extension", True,
+        ),
+        Backend(
+            "cpu", ("cpu",),
+            _compiled_available("cpu", _extension.cpu_available, "C++ CPU kernel"),
+            "fastkd._extension", True,
+        ),
+        Backend("torch", ("cpu", "cuda"), lambda device: (True, ""), "fastkd._reference_rows",
+                False),
+    )
+}  # fmt: skip
+
+BACKENDS = ("auto", *REGISTRY)
+KERNEL_BACKENDS = tuple(name for name, b in REGISTRY.items() if b.is_kernel)
+
+
 def is_available(backend: str, device: torch.device) -> tuple[bool, str]:
     """(available, why not) for an explicit backend on a device."""
-    if backend == "torch":
-        return True, ""
-    if backend == "triton":
-        if not triton_available():
-            return False, "the triton package is not installed"
-        if device.type == "cuda" or (device.type == "cpu" and _interpreting()):
-            return True, ""
-        return False, (
-            f"Triton runs on CUDA tensors (or on CPU tensors under TRITON_INTERPRET=1), "
-            f"got {device.type} tensors"
-        )
-    if backend == "cpu":
-        if device.type != "cpu":
-            return False, f"the C++ CPU kernel runs on CPU tensors, got {device.type} tensors"
-        return _extension.cpu_available()
-    if backend == "cuda":
-        if device.type != "cuda":
-            return False, f"the CUDA kernel runs on CUDA tensors, got {device.type} tensors"
-        return _extension.cuda_available()
-    return False, f"unknown backend {backend!r}"
+    if backend not in REGISTRY:
+        return False, f"unknown backend {backend!r}"
+    return REGISTRY[backend].available(device)
 
 
 def _auto(device: torch.device) -> str:
     if device.type == "cpu":
-        return "cpu" if _extension.cpu_available()[0] else "torch"
+        return "cpu" if is_available("cpu", device)[0] else "torch"
     if device.type == "cuda":
         if triton_available():
             return "triton"
-        if _extension.cuda_available()[0]:
+        if is_available("cuda", device)[0]:
             return "cuda"
     return "torch"
 
@@ -92,7 +133,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     ok, why = is_available(backend, device)
     if not ok:
         raise ValueError(f"{source} is not available: {why}")
-    if backend != "torch" and dtype == torch.float64:
+    if REGISTRY[backend].is_kernel and dtype == torch.float64:
         raise ValueError(
             f"{source} computes in float32 and takes float32, bfloat16 or float16 "
             "logits; use backend='torch' for float64"
@@ -101,11 +142,8 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def row_kernel(backend: str):
-    """(kd_rows, scale_rows_) of a kernel backend."""
-    if backend == "triton":
-        from .triton import kd_kernels
-
-        return kd_kernels.kd_rows, kd_kernels.scale_rows_
-    if backend in ("cpu", "cuda"):
-        return _extension.kd_rows, _extension.scale_rows_
-    raise ValueError(f"backend={backend!r} has no row kernel")
+    """(row_kernel, scale_rows_) of a concrete backend: the fastkd._rows interface."""
+    if backend not in REGISTRY:
+        raise ValueError(f"backend={backend!r} has no row kernel")
+    module = importlib.import_module(REGISTRY[backend].module)
+    return module.row_kernel, module.scale_rows_

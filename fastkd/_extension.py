@@ -7,8 +7,8 @@ runs (csrc/kd_cpu.cpp, built once per instruction set), which :func:`_load` hand
 ``_C``. When ``_C`` is missing or fails to load, fastkd warns once and runs on Triton and the
 reference; the ``"cpu"`` and ``"cuda"`` backends are then unavailable, with the reason.
 
-:func:`kd_rows` and :func:`scale_rows_` have the signatures of the Triton row kernel
-(fastkd/triton/kd_kernels.py), so fastkd/_ops.py runs either behind the same custom ops.
+:func:`row_kernel` and :func:`scale_rows_` implement the row interface of fastkd/_rows.py,
+as the Triton kernels do, so fastkd/_ops.py runs either behind the same custom ops.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ._rows import RowArgs, RowLosses
 from .divergences import DIVERGENCES
 
 REBUILD_HINT = (
@@ -131,60 +132,35 @@ def build_info() -> dict:
     return info
 
 
-def kd_rows(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Tensor | None,
-    grad: Tensor | None,
-    grad_scale: Tensor,
-    *,
-    divergence: str,
-    temperature: float,
-    param: float,
-    softcap: float | None,
-    kd_grad_coef: float,
-    ce_weight: float,
-    ignore_index: int,
-) -> tuple[Tensor, Tensor]:
-    """fastkd::kd_rows with the keyword signature of the Triton row kernel."""
-    return torch.ops.fastkd.kd_rows(
-        student,
-        teacher,
-        labels,
-        grad,
-        grad_scale,
-        DIVERGENCES[divergence].code,
-        temperature,
-        param,
-        softcap,
-        kd_grad_coef,
-        ce_weight,
-        ignore_index,
+def row_kernel(rows: RowArgs) -> RowLosses:
+    """The fastkd._rows interface on the op fastkd::kd_rows (CPU or CUDA by the tensors)."""
+    config = rows.config
+    kd_per_row, ce_per_row = torch.ops.fastkd.kd_rows(
+        rows.student,
+        rows.teacher,
+        rows.labels,
+        rows.grad,
+        rows.reduction_factor,
+        DIVERGENCES[config.divergence].code,
+        config.temperature,
+        config.mix_weight,
+        config.softcap,
+        config.kd_grad_coef,
+        config.ce_weight,
+        config.ignore_index,
     )
+    return RowLosses(kd_per_row, ce_per_row)
 
 
-def scale_rows_(grad: Tensor, factor: Tensor) -> None:
-    torch.ops.fastkd.scale_rows_(grad, factor)
+def scale_rows_(grad: Tensor, grad_output: Tensor) -> None:
+    torch.ops.fastkd.scale_rows_(grad, grad_output)
 
 
 def _register_fakes() -> None:
     """Shapes of the C++ ops for FakeTensor tracing (torch.compile, opcheck)."""
 
     @torch.library.register_fake("fastkd::kd_rows")
-    def _kd_rows_fake(
-        student,
-        teacher,
-        labels,
-        grad,
-        grad_scale,
-        divergence,
-        temperature,
-        param,
-        softcap,
-        kd_grad_coef,
-        ce_weight,
-        ignore_index,
-    ):
+    def _kd_rows_fake(student, *_):
         n_rows = student.shape[0]
         return (
             student.new_empty(n_rows, dtype=torch.float32),
@@ -192,7 +168,7 @@ def _register_fakes() -> None:
         )
 
     @torch.library.register_fake("fastkd::scale_rows_")
-    def _scale_rows_fake(grad, factor):
+    def _scale_rows_fake(grad, grad_output):
         return None
 
 

@@ -6,8 +6,8 @@ are processed in chunks sized by a memory budget; per chunk:
 
 1. student and teacher logits, float32 accumulation and a float32 result (no rounding to
    bf16/fp16 before the softmax);
-2. the row kernel (KDLoss's, ``_backends.row_kernel``) writes dL/ds, already scaled by the
-   reduction's factor (``_ops._grad_scale``), over the chunk's student logits;
+2. the row kernel (KDLoss's, through ``_rows.run_rows``) writes dL/ds, already scaled by the
+   reduction's reduction_factor (``_rows.reduction_factor``), over the chunk's student logits;
 3. grad_hidden for the chunk, and grad_weight / grad_bias accumulated in float32 (cast to
    the parameters' dtype at the end).
 
@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from . import _backends, _ops, _reference_rows
+from . import _backends, _reference_rows, _rows
+from ._config import KDConfig
+from ._rows import RowArgs
 
 # Default budget for a chunk's working set when neither chunk_size nor memory_budget is
 # given: on CPU a fixed one (RAM is not a device to ask). 256 MiB is a few hundred rows at
@@ -43,36 +45,6 @@ CUDA_FREE_FRACTION = 0.25
 # Floats per element of a chunk's (rows, V) logits that the kernel path holds: student and
 # teacher logits, plus room for the gradient's cast to a low-precision weight dtype.
 KERNEL_ROW_FLOATS = 3
-
-
-@dataclass(frozen=True)
-class _Config:
-    """The validated options of one call, as the chunk loop needs them."""
-
-    divergence: str
-    temperature: float
-    param: float
-    softcap: float | None
-    scale_t2: bool
-    kd_weight: float
-    ce_weight: float
-    ignore_index: int
-    reduction: str
-    backend: str  # concrete: a kernel backend, or "torch" for the chunked reference
-    chunk_rows: int
-
-    def run_rows(self, rows_fn, s, t, labels, grad, scale):
-        return _ops._run_rows(
-            rows_fn, s, t, labels, grad, scale, self.divergence, self.temperature,
-            self.param, self.softcap, self.scale_t2, self.kd_weight, self.ce_weight,
-            self.ignore_index,
-        )  # fmt: skip
-
-    def row_fns(self):
-        """(kd_rows, scale_rows_): the kernel's, or the reference behind the same interface."""
-        if self.backend in _backends.KERNEL_BACKENDS:
-            return _backends.row_kernel(self.backend)
-        return _reference_rows.kd_rows, _reference_rows.scale_rows_
 
 
 # --- matmuls with float32 accumulation and results --------------------------------------
@@ -191,53 +163,53 @@ def _kept_rows(labels1: Tensor | None, ignore_index: int, n_rows: int):
 
 
 def _chunk_loop(
-    cfg: _Config,
+    config: KDConfig,
+    chunk_rows: int,
     student: _Head,
     teacher: _Head,
     labels1: Tensor | None,
     kept: Tensor | None,
     n_kept: int,
-    scale: Tensor,
+    reduction_factor: Tensor,
     grads: _Grads | None,
-    row_factor: Tensor | None = None,
+    grad_output: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Runs every chunk of the kept rows; returns (kd, ce) per row (zeros for ignored rows),
     filling ``grads`` when given.
 
-    ``row_factor`` (one value per row) multiplies each row's gradient before the gradient
+    ``grad_output`` (one value per row) multiplies each row's gradient before the gradient
     matmuls: the backward of reduction="none".
     """
     n_rows = student.hidden.shape[0]
-    kd_rows_fn, scale_rows_ = cfg.row_fns()
-    wide = student.wide
-    kd_all = torch.zeros(n_rows, dtype=wide, device=student.hidden.device)
+    kernels = _backends.row_kernel(config.backend)
+    kd_all = torch.zeros(n_rows, dtype=student.wide, device=student.hidden.device)
     ce_all = torch.zeros_like(kd_all)
-    for start in range(0, n_kept, cfg.chunk_rows):
-        index = slice(start, min(start + cfg.chunk_rows, n_kept))
+    for start in range(0, n_kept, chunk_rows):
+        index = slice(start, min(start + chunk_rows, n_kept))
         if kept is not None:
             index = kept[index]
         # One call per chunk, so that its buffers are freed before the next is allocated.
         kd_all[index], ce_all[index] = _run_chunk(
-            cfg, kd_rows_fn, scale_rows_, student, teacher, labels1, index, scale, grads,
-            row_factor,
-        )  # fmt: skip
+            config, kernels, student, teacher, labels1, index, reduction_factor, grads, grad_output
+        )
     return kd_all, ce_all
 
 
 def _run_chunk(
-    cfg, kd_rows_fn, scale_rows_, student, teacher, labels1, index, scale, grads, row_factor
+    config, kernels, student, teacher, labels1, index, reduction_factor, grads, grad_output
 ) -> tuple[Tensor, Tensor]:
     """The rows ``index`` (a slice or an index tensor): (kd, ce) per row, grads accumulated."""
+    row_kernel, scale_rows_ = kernels
     h_s = student.rows(index)
     s = student.logits(h_s)
     t = teacher.logits(teacher.rows(index)).to(s.dtype)
-    labels_c = labels1[index] if (labels1 is not None and cfg.ce_weight != 0) else None
+    labels_c = labels1[index] if (labels1 is not None and config.has_ce) else None
     grad = s if grads is not None else None  # the kernel writes dL/ds over the logits
-    kd_c, ce_c = cfg.run_rows(kd_rows_fn, s, t, labels_c, grad, scale)
+    kd_c, ce_c = _rows.run_rows(row_kernel, RowArgs(s, t, labels_c, grad, reduction_factor, config))
     del t
     if grad is not None:
-        if row_factor is not None:
-            scale_rows_(grad, row_factor[index].to(grad.dtype))
+        if grad_output is not None:
+            scale_rows_(grad, grad_output[index].to(grad.dtype))
         if grads.hidden is not None:
             grads.hidden[index] = student.grad_hidden(grad)
         if grads.weight is not None:
@@ -247,46 +219,48 @@ def _run_chunk(
     return kd_c.to(student.wide), ce_c.to(student.wide)
 
 
-def _prepare(cfg: _Config, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
+def _prepare(config: KDConfig, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
              num_items):  # fmt: skip
-    """Everything the loop needs: (student, teacher, labels1, scale, kept, n_kept)."""
+    """Everything the loop needs: (student, teacher, labels1, reduction_factor, kept, n_kept)."""
     student = _Head(s_hidden, s_weight, s_bias)
     teacher = _Head(t_hidden, t_weight, t_bias)
     labels1 = None if labels is None else labels.reshape(-1)
     n_rows = student.hidden.shape[0]
     size0 = s_hidden.shape[0] if s_hidden.dim() > 1 else s_weight.shape[0]
-    scale = _ops._grad_scale(
-        cfg.reduction, n_rows, size0, labels1, num_items, cfg.ignore_index, s_hidden.device,
-        student.wide,
-    )  # fmt: skip
-    kept, n_kept = _kept_rows(labels1, cfg.ignore_index, n_rows)
-    return student, teacher, labels1, scale, kept, n_kept
+    reduction_factor = _rows.reduction_factor(
+        config, n_rows, size0, labels1, num_items, s_hidden.device, student.wide
+    )
+    kept, n_kept = _kept_rows(labels1, config.ignore_index, n_rows)
+    return student, teacher, labels1, reduction_factor, kept, n_kept
 
 
-def _forward(cfg: _Config, inputs: tuple, needs: tuple[bool, bool, bool]):
+def _forward(config: KDConfig, chunk_rows: int, inputs: tuple, needs: tuple[bool, bool, bool]):
     """(loss, kd, ce, grads): grads is None unless ``needs`` asks for any, and then holds
     the gradients for a grad_output of 1."""
     s_hidden = inputs[0]
     with torch.autocast(s_hidden.device.type, enabled=False):
-        student, teacher, labels1, scale, kept, n_kept = _prepare(cfg, *inputs)
+        student, teacher, labels1, reduction_factor, kept, n_kept = _prepare(config, *inputs)
         grads = _Grads.allocate(student, needs, kept is None) if any(needs) else None
-        kd_rows, ce_rows = _chunk_loop(cfg, student, teacher, labels1, kept, n_kept, scale, grads)
-        loss, kd, ce = _ops._reduce_rows(
-            kd_rows, ce_rows, scale, cfg.reduction, s_hidden.shape[:-1], cfg.kd_weight,
-            cfg.ce_weight,
-        )  # fmt: skip
+        losses = _rows.RowLosses(
+            *_chunk_loop(
+                config, chunk_rows, student, teacher, labels1, kept, n_kept, reduction_factor, grads
+            )
+        )
+        loss, kd, ce = _rows.reduce_rows(config, losses, reduction_factor, s_hidden.shape[:-1])
     return loss, kd, ce, grads
 
 
-def _backward_none(cfg: _Config, inputs: tuple, needs, row_factor: Tensor) -> _Grads:
+def _backward_none(
+    config: KDConfig, chunk_rows: int, inputs: tuple, needs, grad_output: Tensor
+) -> _Grads:
     """reduction="none": recompute the chunks with each row's gradient times its
     grad_output (the loss per row is recomputed too, and dropped)."""
     with torch.autocast(inputs[0].device.type, enabled=False):
-        student, teacher, labels1, scale, kept, n_kept = _prepare(cfg, *inputs)
+        student, teacher, labels1, reduction_factor, kept, n_kept = _prepare(config, *inputs)
         grads = _Grads.allocate(student, needs, kept is None)
         _chunk_loop(
-            cfg, student, teacher, labels1, kept, n_kept, scale, grads,
-            row_factor=row_factor.reshape(-1),
+            config, chunk_rows, student, teacher, labels1, kept, n_kept, reduction_factor, grads,
+            grad_output=grad_output.reshape(-1),
         )  # fmt: skip
     return grads
 
@@ -297,11 +271,13 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
-                num_items, cfg, needs):  # fmt: skip
+                num_items, config, chunk_rows, needs):  # fmt: skip
         inputs = (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, num_items)
-        deferred = cfg.reduction == "none"
-        loss, kd, ce, grads = _forward(cfg, inputs, (False,) * 3 if deferred else needs)
-        ctx.cfg, ctx.needs = cfg, needs
+        deferred = config.reduction == "none"
+        loss, kd, ce, grads = _forward(
+            config, chunk_rows, inputs, (False,) * 3 if deferred else needs
+        )
+        ctx.config, ctx.chunk_rows, ctx.needs = config, chunk_rows, needs
         ctx.shapes = (s_hidden.shape, s_weight.dtype, None if s_bias is None else s_bias.dtype)
         if deferred:
             ctx.save_for_backward(*inputs)
@@ -314,9 +290,9 @@ class _FusedLinearKD(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_loss, d_kd, d_ce):
         if d_loss is None:
-            return (None,) * 10
-        if ctx.cfg.reduction == "none":
-            grads = _backward_none(ctx.cfg, ctx.saved_tensors, ctx.needs, d_loss)
+            return (None,) * 11
+        if ctx.config.reduction == "none":
+            grads = _backward_none(ctx.config, ctx.chunk_rows, ctx.saved_tensors, ctx.needs, d_loss)
             g_hidden, g_weight, g_bias = grads.finish(*ctx.shapes)
         else:
             if ctx.grads is None:
@@ -330,7 +306,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for g in (g_hidden, g_weight, g_bias):
                 if g is not None:
                     g.mul_(d_loss)
-        return (g_hidden, g_weight, g_bias) + (None,) * 7
+        return (g_hidden, g_weight, g_bias) + (None,) * 8
 
 
 # --- chunk sizing ------------------------------------------------------------------------
@@ -354,7 +330,7 @@ def _chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget, dev
     if memory_budget is not None:
         per_elem = (
             KERNEL_ROW_FLOATS
-            if backend in _backends.KERNEL_BACKENDS
+            if _backends.REGISTRY[backend].is_kernel
             else _reference_rows.REFERENCE_ROW_FLOATS
         )
         per_row = V * per_elem * torch.finfo(logits_dtype).bits // 8
@@ -366,11 +342,13 @@ def _chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget, dev
     return rows
 
 
-def fused_linear_kd(cfg: _Config, inputs: tuple, needs: tuple[bool, bool, bool]):
+def fused_linear_kd(
+    config: KDConfig, chunk_rows: int, inputs: tuple, needs: tuple[bool, bool, bool]
+):
     """Validated inputs (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
     num_items) in, (loss, kd, ce) out; through autograd when ``needs`` asks for gradients of
     (s_hidden, s_weight, s_bias)."""
     if any(needs):
-        return _FusedLinearKD.apply(*inputs, cfg, needs)
-    loss, kd, ce, _ = _forward(cfg, inputs, needs)
+        return _FusedLinearKD.apply(*inputs, config, chunk_rows, needs)
+    loss, kd, ce, _ = _forward(config, chunk_rows, inputs, needs)
     return loss, kd, ce

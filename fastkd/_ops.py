@@ -2,322 +2,135 @@
 
 The forward runs a row kernel that computes the loss and, when the student needs a
 gradient, the gradient already scaled by the reduction's factor (design.md §3; float16
-gradients get it in the backward, see _defers_scale). The backward only multiplies that stored
-gradient by grad_output (skipped on the device where it is 1).
+gradients get it in the backward, see _defers_factor). The backward only multiplies that
+stored gradient by grad_output (skipped on the device where it is 1).
 The ops are opaque to torch.compile (fake implementations give their shapes), so a compiled
-model calls the same kernels with no graph break.
+model calls the same kernels with no graph break. Their schemas take the loss's options as
+:class:`KDConfig`'s fields (``KDConfig.op_schema``): a new option is a new field there, and
+only ``KDConfig.to_op_args`` / ``KDConfig.from_op_args`` cross this boundary.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from . import _backends
+from . import _backends, _rows
+from ._config import KDConfig
+from ._rows import RowArgs
+
+_LIB = torch.library.Library("fastkd", "FRAGMENT")
+_INPUTS = "Tensor teacher, Tensor? labels, Tensor? num_items_in_batch"
+# (loss, kd, ce, grad, reduction_factor): grad is dloss/dstudent shaped like the student (or
+# empty), short of the 0-d reduction_factor when _defers_factor.
+_LIB.define(
+    f"kd_loss(Tensor student, {_INPUTS}, bool compute_grad, {KDConfig.op_schema()}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+# (loss, kd, ce, reduction_factor), with dloss/dstudent written over the student logits.
+_LIB.define(
+    f"kd_loss_inplace(Tensor(a!) student, {_INPUTS}, {KDConfig.op_schema()}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+# grad *= grad_output (a scalar, or one value per leading index), in place.
+_LIB.define("scale_grad_(Tensor(a!) grad, Tensor grad_output, str backend) -> ()")
 
 
-def _rows(x: Tensor, V: int) -> Tensor:
-    """(N, V) view (copy only if the rows can't be viewed) with unit stride along V."""
-    x2 = x.reshape(-1, V)
-    return x2 if x2.stride(1) == 1 or V == 1 else x2.contiguous()
+def _defers_factor(student: Tensor, config: KDConfig) -> bool:
+    """A float16 gradient gets the reduction's factor in the backward, with grad_output:
+    stored as (q - p) / N it would flush to zero (below 6e-8) before a GradScaler's
+    grad_output of 2^16 could lift it. bfloat16 has float32's range."""
+    return student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
 
 
-def _grad_scale(
-    reduction: str,
-    n_rows: int,
-    size0: int,
-    labels: Optional[Tensor],
-    num_items_in_batch: Optional[Tensor],
-    ignore_index: int,
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """The reduction's factor on each row's loss, as a 0-d tensor on the device (float32, or
-    float64 for FusedLinearKDLoss's float64 path).
-
-    Computed without a host sync: the kernel reads it, and the reduced loss uses it too.
-    """
-    if reduction in ("sum", "none"):
-        value = 1.0
-    elif reduction == "batchmean":
-        value = 1.0 / max(size0, 1)
-    elif num_items_in_batch is not None:
-        ones = torch.ones((), dtype=dtype, device=device)
-        return ones / num_items_in_batch.to(dtype).clamp_min(1)
-    elif labels is not None:
-        kept = (labels != ignore_index).sum().to(dtype)
-        return 1.0 / kept.clamp_min(1)
-    else:
-        value = 1.0 / max(n_rows, 1)
-    return torch.full((), value, dtype=dtype, device=device)
-
-
-def _run_rows(
-    kd_rows_fn,
-    s2: Tensor,
-    t2: Tensor,
-    labels1: Optional[Tensor],
-    grad2: Optional[Tensor],
-    scale: Tensor,
-    divergence: str,
-    temperature: float,
-    param: float,
-    softcap: Optional[float],
-    scale_t2: bool,
-    kd_weight: float,
-    ce_weight: float,
-    ignore_index: int,
-) -> tuple[Tensor, Tensor]:
-    """Runs a row kernel on (n, V) rows: (T^2-scaled kd per row, ce per row), float32.
-
-    ``grad2`` (or None for loss only) receives ``scale`` * dL/ds; it may be ``s2`` itself.
-    FusedLinearKDLoss calls this once per chunk of rows.
-    """
-    t_sq = temperature**2 if scale_t2 else 1.0
-    kd_rows, ce_rows = kd_rows_fn(
-        s2,
-        t2,
-        labels1,
-        grad2,
-        scale,
-        divergence=divergence,
-        temperature=temperature,
-        param=param,
-        softcap=softcap,
-        kd_grad_coef=kd_weight * t_sq / temperature,
-        ce_weight=ce_weight,
-        ignore_index=ignore_index,
-    )
-    return kd_rows * t_sq, ce_rows
-
-
-def _reduce_rows(
-    kd_rows: Tensor,
-    ce_rows: Tensor,
-    scale: Tensor,
-    reduction: str,
-    lead_shape: torch.Size,
-    kd_weight: float,
-    ce_weight: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(loss, kd, ce) from per-row losses: shaped like ``lead_shape`` for 'none', else summed
-    and multiplied by the reduction's factor."""
-    if reduction == "none":
-        kd, ce = kd_rows.view(lead_shape), ce_rows.view(lead_shape)
-    else:
-        kd, ce = kd_rows.sum() * scale, ce_rows.sum() * scale
-    return kd_weight * kd + ce_weight * ce, kd, ce
+def _loss_shape(student: Tensor, config: KDConfig) -> torch.Size:
+    return student.shape[:-1] if config.reduction == "none" else torch.Size([])
 
 
 def _kd_forward(
     student: Tensor,
     teacher: Tensor,
-    labels: Optional[Tensor],
-    num_items_in_batch: Optional[Tensor],
-    divergence: str,
-    temperature: float,
-    param: float,
-    softcap: Optional[float],
-    scale_t2: bool,
-    kd_weight: float,
-    ce_weight: float,
-    ignore_index: int,
-    reduction: str,
-    backend: str,
-    grad: Optional[Tensor],
+    labels: Tensor | None,
+    num_items_in_batch: Tensor | None,
+    config: KDConfig,
+    grad: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Runs the row kernel (gradient into ``grad`` when given) and reduces: (loss, kd, ce,
-    the reduction's factor); the gradient lacks that factor when :func:`_defers_scale`."""
+    the reduction's factor); the gradient lacks that factor when :func:`_defers_factor`."""
     V = student.shape[-1]
-    s2 = _rows(student, V)
-    t2 = _rows(teacher, V)
-    labels1 = labels.reshape(-1) if labels is not None else None
-    n_rows = s2.shape[0]
+    student_rows = _rows.as_rows(student, V)
+    labels_rows = labels.reshape(-1) if labels is not None else None
+    n_rows = student_rows.shape[0]
     size0 = student.shape[0] if student.dim() > 1 else V
-    scale = _grad_scale(
-        reduction, n_rows, size0, labels1, num_items_in_batch, ignore_index, student.device
+    reduction_factor = _rows.reduction_factor(
+        config, n_rows, size0, labels_rows, num_items_in_batch, student.device
     )
-    kd_rows_fn, _ = _backends.row_kernel(backend)
-    kd_rows, ce_rows = _run_rows(
-        kd_rows_fn,
-        s2,
-        t2,
-        labels1,
-        None if grad is None else grad.view(n_rows, V),
-        torch.ones_like(scale) if _defers_scale(student, reduction) else scale,
-        divergence,
-        temperature,
-        param,
-        softcap,
-        scale_t2,
-        kd_weight,
-        ce_weight,
-        ignore_index,
+    row_kernel, _ = _backends.row_kernel(config.backend)
+    rows = RowArgs(
+        student=student_rows,
+        teacher=_rows.as_rows(teacher, V),
+        labels=labels_rows,
+        grad=None if grad is None else grad.view(n_rows, V),
+        reduction_factor=torch.ones_like(reduction_factor)
+        if _defers_factor(student, config)
+        else reduction_factor,
+        config=config,
     )
-    loss, kd, ce = _reduce_rows(
-        kd_rows, ce_rows, scale, reduction, student.shape[:-1], kd_weight, ce_weight
-    )
-    return loss, kd, ce, scale
+    losses = _rows.run_rows(row_kernel, rows)
+    loss, kd, ce = _rows.reduce_rows(config, losses, reduction_factor, student.shape[:-1])
+    return loss, kd, ce, reduction_factor
 
 
-def _defers_scale(student: Tensor, reduction: str) -> bool:
-    """A float16 gradient gets the reduction's factor in the backward, with grad_output:
-    stored as (q - p) / N it would flush to zero (below 6e-8) before a GradScaler's
-    grad_output of 2^16 could lift it. bfloat16 has float32's range."""
-    return student.dtype == torch.float16 and reduction in ("mean", "batchmean")
-
-
-def _loss_shape(student: Tensor, reduction: str) -> torch.Size:
-    return student.shape[:-1] if reduction == "none" else torch.Size([])
-
-
-@torch.library.custom_op("fastkd::kd_loss", mutates_args=())
-def kd_loss_op(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Optional[Tensor],
-    num_items_in_batch: Optional[Tensor],
-    divergence: str,
-    temperature: float,
-    param: float,
-    softcap: Optional[float],
-    scale_t2: bool,
-    kd_weight: float,
-    ce_weight: float,
-    ignore_index: int,
-    reduction: str,
-    backend: str,
-    compute_grad: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(loss, kd, ce, grad, grad_factor): grad is dloss/dstudent shaped like the student (or
-    empty), short of the 0-d grad_factor when :func:`_defers_scale`."""
+@torch.library.register_kernel("fastkd::kd_loss", None, lib=_LIB)
+def _kd_loss(student, teacher, labels, num_items_in_batch, compute_grad, *config_args):
+    config = KDConfig.from_op_args(config_args)
     grad = (
         torch.empty(student.shape, dtype=student.dtype, device=student.device)
         if compute_grad
-        else student.new_empty(0)
+        else None
     )
-    loss, kd, ce, grad_factor = _kd_forward(
-        student,
-        teacher,
-        labels,
-        num_items_in_batch,
-        divergence,
-        temperature,
-        param,
-        softcap,
-        scale_t2,
-        kd_weight,
-        ce_weight,
-        ignore_index,
-        reduction,
-        backend,
-        grad if compute_grad else None,
+    loss, kd, ce, reduction_factor = _kd_forward(
+        student, teacher, labels, num_items_in_batch, config, grad
     )
-    return loss, kd, ce, grad, grad_factor
+    return loss, kd, ce, student.new_empty(0) if grad is None else grad, reduction_factor
 
 
-@kd_loss_op.register_fake
-def _kd_loss_fake(
-    student,
-    teacher,
-    labels,
-    num_items_in_batch,
-    divergence,
-    temperature,
-    param,
-    softcap,
-    scale_t2,
-    kd_weight,
-    ce_weight,
-    ignore_index,
-    reduction,
-    backend,
-    compute_grad,
-):
-    shape = _loss_shape(student, reduction)
+@torch.library.register_fake("fastkd::kd_loss", lib=_LIB)
+def _kd_loss_fake(student, teacher, labels, num_items_in_batch, compute_grad, *config_args):
+    shape = _loss_shape(student, KDConfig.from_op_args(config_args))
     out = [student.new_empty(shape, dtype=torch.float32) for _ in range(3)]
     grad = student.new_empty(student.shape) if compute_grad else student.new_empty(0)
     return out[0], out[1], out[2], grad, student.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("fastkd::kd_loss_inplace", mutates_args=("student",))
-def kd_loss_inplace_op(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Optional[Tensor],
-    num_items_in_batch: Optional[Tensor],
-    divergence: str,
-    temperature: float,
-    param: float,
-    softcap: Optional[float],
-    scale_t2: bool,
-    kd_weight: float,
-    ce_weight: float,
-    ignore_index: int,
-    reduction: str,
-    backend: str,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(loss, kd, ce, grad_factor), with dloss/dstudent written over the student logits (short
-    of grad_factor when :func:`_defers_scale`)."""
-    return _kd_forward(
-        student,
-        teacher,
-        labels,
-        num_items_in_batch,
-        divergence,
-        temperature,
-        param,
-        softcap,
-        scale_t2,
-        kd_weight,
-        ce_weight,
-        ignore_index,
-        reduction,
-        backend,
-        student,
-    )
+@torch.library.register_kernel("fastkd::kd_loss_inplace", None, lib=_LIB)
+def _kd_loss_inplace(student, teacher, labels, num_items_in_batch, *config_args):
+    config = KDConfig.from_op_args(config_args)
+    return _kd_forward(student, teacher, labels, num_items_in_batch, config, student)
 
 
-@kd_loss_inplace_op.register_fake
-def _kd_loss_inplace_fake(
-    student,
-    teacher,
-    labels,
-    num_items_in_batch,
-    divergence,
-    temperature,
-    param,
-    softcap,
-    scale_t2,
-    kd_weight,
-    ce_weight,
-    ignore_index,
-    reduction,
-    backend,
-):
-    shape = _loss_shape(student, reduction)
+@torch.library.register_fake("fastkd::kd_loss_inplace", lib=_LIB)
+def _kd_loss_inplace_fake(student, teacher, labels, num_items_in_batch, *config_args):
+    shape = _loss_shape(student, KDConfig.from_op_args(config_args))
     out = tuple(student.new_empty(shape, dtype=torch.float32) for _ in range(3))
     return out + (student.new_empty((), dtype=torch.float32),)
 
 
-@torch.library.custom_op("fastkd::scale_grad_", mutates_args=("grad",))
-def scale_grad_op(grad: Tensor, grad_output: Tensor, backend: str) -> None:
-    """grad *= grad_output (a scalar, or one value per leading index), in place."""
+@torch.library.register_kernel("fastkd::scale_grad_", None, lib=_LIB)
+def _scale_grad(grad: Tensor, grad_output: Tensor, backend: str) -> None:
     V = grad.shape[-1]
-    factor = grad_output.reshape(-1) if grad_output.dim() > 0 else grad_output
+    per_row = grad_output.reshape(-1) if grad_output.dim() > 0 else grad_output
     _, scale_rows_ = _backends.row_kernel(backend)
-    scale_rows_(grad.view(-1, V), factor)
+    scale_rows_(grad.view(-1, V), per_row)
 
 
-@scale_grad_op.register_fake
+@torch.library.register_fake("fastkd::scale_grad_", lib=_LIB)
 def _scale_grad_fake(grad, grad_output, backend):
     return None
 
 
 def _scale_stored_grad(ctx, d_loss: Tensor) -> Tensor:
-    """The stored gradient times grad_output (and the deferred factor), in place."""
+    """The stored gradient times grad_output (and the deferred reduction factor), in place."""
     if torch.is_grad_enabled():
         raise RuntimeError(
             "fastkd: KDLoss has no double backward (create_graph=True): its gradient is "
@@ -329,88 +142,70 @@ def _scale_stored_grad(ctx, d_loss: Tensor) -> Tensor:
             "already scaled the stored gradient in place; compute the loss again instead"
         )
     ctx.backward_done = True
-    grad, grad_factor = ctx.saved_tensors
-    factor = d_loss * grad_factor if ctx.defers_scale else d_loss
-    torch.ops.fastkd.scale_grad_(grad, factor, ctx.backend)
+    grad, reduction_factor = ctx.saved_tensors
+    grad_output = d_loss * reduction_factor if ctx.defers_factor else d_loss
+    torch.ops.fastkd.scale_grad_(grad, grad_output, ctx.config.backend)
     return grad
 
 
-def _backward(ctx, d_loss, d_kd, d_ce, d_grad, d_grad_factor):
-    if d_loss is None:
-        return (None,) * 15
-    return (_scale_stored_grad(ctx, d_loss),) + (None,) * 14
-
-
 def _setup_context(ctx, inputs, output):
-    ctx.backend = inputs[13]
-    ctx.defers_scale = _defers_scale(inputs[0], inputs[12])
+    student, _teacher, _labels, _num_items, _compute_grad, *config_args = inputs
+    _loss, kd, ce, grad, reduction_factor = output
+    ctx.config = KDConfig.from_op_args(config_args)
+    ctx.n_inputs = len(inputs)
+    ctx.defers_factor = _defers_factor(student, ctx.config)
     ctx.backward_done = False
-    ctx.save_for_backward(output[3], output[4])
+    ctx.save_for_backward(grad, reduction_factor)
     # kd and ce are for logging and grad is the stored gradient: none of them gets a
     # gradient, and the backward takes None for them. Else autograd hands it zeros for each,
     # an N x V tensor for grad: memory, and a memset the size of the gradient itself.
-    ctx.mark_non_differentiable(output[1], output[2], output[3], output[4])
+    ctx.mark_non_differentiable(kd, ce, grad, reduction_factor)
     ctx.set_materialize_grads(False)
 
 
-torch.library.register_autograd("fastkd::kd_loss", _backward, setup_context=_setup_context)
+def _backward(ctx, d_loss, d_kd, d_ce, d_grad, d_factor):
+    if d_loss is None:
+        return (None,) * ctx.n_inputs
+    return (_scale_stored_grad(ctx, d_loss),) + (None,) * (ctx.n_inputs - 1)
+
+
+torch.library.register_autograd(
+    "fastkd::kd_loss", _backward, setup_context=_setup_context, lib=_LIB
+)
 
 
 class _KDLossInplace(torch.autograd.Function):
     """The in-place op under autograd: the student logits hold the gradient afterwards."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, num_items_in_batch, *config):
-        loss, kd, ce, grad_factor = torch.ops.fastkd.kd_loss_inplace(
-            student, teacher, labels, num_items_in_batch, *config
+    def forward(ctx, student, teacher, labels, num_items_in_batch, config):
+        loss, kd, ce, reduction_factor = torch.ops.fastkd.kd_loss_inplace(
+            student, teacher, labels, num_items_in_batch, *config.to_op_args()
         )
-        ctx.backend = config[-1]
-        ctx.defers_scale = _defers_scale(student, config[-2])
+        ctx.config = config
+        ctx.defers_factor = _defers_factor(student, config)
         ctx.backward_done = False
-        ctx.save_for_backward(student, grad_factor)
+        ctx.save_for_backward(student, reduction_factor)
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
     def backward(ctx, d_loss, d_kd, d_ce):
-        return (_scale_stored_grad(ctx, d_loss),) + (None,) * 13
+        return _scale_stored_grad(ctx, d_loss), None, None, None, None
 
 
-def kd_loss_kernel(
+def kd_loss_through_kernels(
     student: Tensor,
     teacher: Tensor,
-    labels: Optional[Tensor],
-    num_items_in_batch: Optional[Tensor],
-    *,
-    divergence: str,
-    temperature: float,
-    param: float,
-    softcap: Optional[float],
-    scale_t2: bool,
-    kd_weight: float,
-    ce_weight: float,
-    ignore_index: int,
-    reduction: str,
-    backend: str,
-    inplace_backward: bool,
+    labels: Tensor | None,
+    num_items_in_batch: Tensor | None,
+    config: KDConfig,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Validated arguments in, (loss, kd, ce) out, through a kernel backend."""
-    config = (
-        divergence,
-        float(temperature),
-        float(param),
-        softcap,
-        scale_t2,
-        float(kd_weight),
-        float(ce_weight),
-        int(ignore_index),
-        reduction,
-        backend,
-    )
+    """Validated arguments and a config with a kernel backend in, (loss, kd, ce) out."""
     compute_grad = torch.is_grad_enabled() and student.requires_grad
-    if compute_grad and inplace_backward:
-        return _KDLossInplace.apply(student, teacher, labels, num_items_in_batch, *config)
+    if compute_grad and config.inplace_backward:
+        return _KDLossInplace.apply(student, teacher, labels, num_items_in_batch, config)
     loss, kd, ce, _, _ = torch.ops.fastkd.kd_loss(
-        student, teacher, labels, num_items_in_batch, *config, compute_grad
+        student, teacher, labels, num_items_in_batch, compute_grad, *config.to_op_args()
     )
     return loss, kd.detach(), ce.detach()

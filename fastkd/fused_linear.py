@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import Unpack
 
 from . import _backends
-from ._fused_linear_ops import _chunk_rows, _Config, _wide, fused_linear_kd
-from .losses import (
-    KDLossOutput,
-    _check_ce_labels,
-    _check_flags,
-    _check_labels_for,
-    _check_num_items,
-    _check_options,
+from ._config import (
+    KDConfig,
+    KDOptions,
+    check_flags,
+    check_float_tensor,
+    check_labels,
+    check_num_items,
 )
+from ._fused_linear_ops import _chunk_rows, _wide, fused_linear_kd
+from .losses import KDLossOutput
 
 
 def _check_head(which: str, hidden, weight, bias) -> None:
@@ -28,12 +30,8 @@ def _check_head(which: str, hidden, weight, bias) -> None:
     after autocast has had its say."""
     names = (f"{which}_hidden", f"{which}_weight", f"{which}_bias")
     for name, x in zip(names, (hidden, weight, bias), strict=True):
-        if x is None and name.endswith("_bias"):
-            continue
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x is not None or not name.endswith("_bias"):
+            check_float_tensor(name, x)
     if hidden.dim() == 0:
         raise ValueError(f"{names[0]} must have a hidden dimension, got a 0-d tensor")
     if weight.dim() != 2:
@@ -88,6 +86,15 @@ def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
         )
 
 
+def _config(divergence: str, options: KDOptions) -> KDConfig:
+    if "inplace_backward" in options:
+        raise TypeError(
+            "FusedLinearKDLoss has no inplace_backward option: each chunk's logits are always "
+            "overwritten by their gradient"
+        )
+    return KDConfig.from_options(divergence, **options)
+
+
 def _check_chunking(chunk_size, memory_budget) -> None:
     for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
         if value is None:
@@ -106,9 +113,6 @@ def _autocast_cast(device: torch.device, tensors: tuple) -> tuple:
     return tuple(x.to(dtype) if x is not None and x.dtype != torch.float64 else x for x in tensors)
 
 
-# A Python loop over data-dependent chunks: torch.compile runs it eagerly (a graph break)
-# rather than tracing it.
-@torch.compiler.disable
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -120,19 +124,10 @@ def fused_linear_kd_loss(
     num_items_in_batch: int | float | Tensor | None = None,
     *,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    softcap: float | None = None,
-    scale_by_temperature_squared: bool = True,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     chunk_size: int | None = None,
     memory_budget: int | None = None,
-    backend: str = "auto",
     return_components: bool = False,
+    **options: Unpack[KDOptions],
 ) -> Tensor | KDLossOutput:
     """KDLoss on ``hidden @ weight.T (+ bias)`` of both models, without the N x V logits.
 
@@ -140,15 +135,24 @@ def fused_linear_kd_loss(
     @ teacher_weight.T + teacher_bias, labels, ...)`` in value and gradients (for the student
     hidden states, weight and bias; the teacher is constant). See :class:`FusedLinearKDLoss`.
     """
-    param = _check_options(
-        divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight, ignore_index,
-        reduction, backend,
-    )  # fmt: skip
-    _check_flags(
-        scale_by_temperature_squared=scale_by_temperature_squared,
-        return_components=return_components,
-    )
+    config = _config(divergence, options)
+    check_flags(return_components=return_components)
     _check_chunking(chunk_size, memory_budget)
+    return _fused_linear_kd_loss(
+        student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+        teacher_bias, num_items_in_batch, config, chunk_size, memory_budget, return_components,
+    )  # fmt: skip
+
+
+# A Python loop over data-dependent chunks: torch.compile runs it eagerly (a graph break)
+# rather than tracing it.
+@torch.compiler.disable
+def _fused_linear_kd_loss(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+    teacher_bias, num_items_in_batch, config: KDConfig, chunk_size, memory_budget,
+    return_components,
+):  # fmt: skip
+    """fused_linear_kd_loss with its options already in a validated config."""
     _check_head("student", student_hidden, student_weight, student_bias)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
@@ -163,27 +167,24 @@ def fused_linear_kd_loss(
     _check_head_dtypes("student", s_hidden, s_weight, s_bias)
     _check_head_dtypes("teacher", t_hidden, t_weight, t_bias)
     V = s_weight.shape[0]
-    _check_labels_for(labels, s_hidden.shape[:-1], V, device, ignore_index)
-    _check_ce_labels(ce_weight, labels)
-    num_items = _check_num_items(num_items_in_batch, device)
+    check_labels(labels, s_hidden.shape[:-1], V, device, config)
+    num_items = check_num_items(num_items_in_batch, device)
     logits_dtype = torch.promote_types(_wide(s_hidden.dtype), _wide(t_hidden.dtype))
-    chosen = _backends.resolve(backend, device, logits_dtype)
+    config = config.with_backend(_backends.resolve(config.backend, device, logits_dtype))
     n_rows = s_hidden.numel() // s_hidden.shape[-1] if s_hidden.shape[-1] else 0
-    cfg = _Config(
-        divergence, float(temperature), param, softcap, bool(scale_by_temperature_squared),
-        float(kd_weight), float(ce_weight), int(ignore_index), reduction, chosen,
-        _chunk_rows(n_rows, V, logits_dtype, chosen, chunk_size, memory_budget, device),
-    )  # fmt: skip
+    chunk_rows = _chunk_rows(
+        n_rows, V, logits_dtype, config.backend, chunk_size, memory_budget, device
+    )
     teacher = tuple(None if x is None else x.detach() for x in (t_hidden, t_weight, t_bias))
     grad_on = torch.is_grad_enabled()
     needs = tuple(
         grad_on and x is not None and x.requires_grad for x in (s_hidden, s_weight, s_bias)
     )
     loss, kd, ce = fused_linear_kd(
-        cfg, (s_hidden, s_weight, s_bias, *teacher, labels, num_items), needs
+        config, chunk_rows, (s_hidden, s_weight, s_bias, *teacher, labels, num_items), needs
     )
     if return_components:
-        return KDLossOutput(loss, kd.detach(), ce.detach() if ce_weight != 0 else None)
+        return KDLossOutput(loss, kd.detach(), ce.detach() if config.has_ce else None)
     return loss
 
 
@@ -225,41 +226,15 @@ class FusedLinearKDLoss(nn.Module):
         self,
         divergence: str = "forward_kl",
         *,
-        temperature: float = 1.0,
-        beta: float = 0.5,
-        alpha: float = 0.1,
-        softcap: float | None = None,
-        scale_by_temperature_squared: bool = True,
-        kd_weight: float = 1.0,
-        ce_weight: float = 0.0,
-        ignore_index: int = -100,
-        reduction: str = "mean",
         chunk_size: int | None = None,
         memory_budget: int | None = None,
-        backend: str = "auto",
+        **options: Unpack[KDOptions],
     ) -> None:
         super().__init__()
-        _check_options(
-            divergence, temperature, beta, alpha, softcap, kd_weight, ce_weight,
-            ignore_index, reduction, backend,
-        )  # fmt: skip
-        _check_flags(scale_by_temperature_squared=scale_by_temperature_squared)
+        self.config = _config(divergence, options)
         _check_chunking(chunk_size, memory_budget)
-        self.options = dict(
-            divergence=divergence,
-            temperature=temperature,
-            beta=beta,
-            alpha=alpha,
-            softcap=softcap,
-            scale_by_temperature_squared=scale_by_temperature_squared,
-            kd_weight=kd_weight,
-            ce_weight=ce_weight,
-            ignore_index=ignore_index,
-            reduction=reduction,
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            backend=backend,
-        )
+        self.chunk_size = chunk_size
+        self.memory_budget = memory_budget
 
     def forward(
         self,
@@ -274,18 +249,12 @@ class FusedLinearKDLoss(nn.Module):
         *,
         return_components: bool = False,
     ) -> Tensor | KDLossOutput:
-        return fused_linear_kd_loss(
-            student_hidden,
-            student_weight,
-            teacher_hidden,
-            teacher_weight,
-            labels,
-            student_bias,
-            teacher_bias,
-            num_items_in_batch,
-            return_components=return_components,
-            **self.options,
-        )
+        check_flags(return_components=return_components)
+        return _fused_linear_kd_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias, teacher_bias, num_items_in_batch, self.config, self.chunk_size,
+            self.memory_budget, return_components,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
+        return self.config.describe(chunk_size=self.chunk_size, memory_budget=self.memory_budget)

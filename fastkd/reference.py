@@ -12,6 +12,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import Unpack
+
+from ._config import KDConfig, KDOptions
 
 
 def _xlogratio(w: Tensor, log_w: Tensor, log_v: Tensor) -> Tensor:
@@ -68,23 +71,28 @@ def kd_loss_reference(
     labels: Tensor | None = None,
     *,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    softcap: float | None = None,
-    scale_by_temperature_squared: bool = True,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
     num_items_in_batch: int | float | Tensor | None = None,
+    **options: Unpack[KDOptions],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Returns (loss, kd, ce) with loss = kd_weight * kd + ce_weight * ce, each reduced.
 
     kd is T^2 * D (or D when scale_by_temperature_squared is False); ce is None when
-    ce_weight is 0. Arguments mean what they mean in :class:`fastkd.KDLoss`; they are not
-    validated here.
+    ce_weight is 0. The options mean what they mean in :class:`fastkd.KDLoss` (``backend``
+    and ``inplace_backward`` are ignored); the tensors are not validated here.
     """
+    config = KDConfig.from_options(divergence, **options)
+    return reference_loss(student_logits, teacher_logits, labels, num_items_in_batch, config)
+
+
+def reference_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    labels: Tensor | None,
+    num_items_in_batch: int | float | Tensor | None,
+    config: KDConfig,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`kd_loss_reference` with its options in a config: the spec itself."""
+    temperature, softcap = config.temperature, config.softcap
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(compute_dtype)
     t = teacher_logits.detach().to(compute_dtype)
@@ -94,34 +102,35 @@ def kd_loss_reference(
 
     log_q = F.log_softmax(s / temperature, dim=-1)
     log_p = F.log_softmax(t / temperature, dim=-1)
-    t2 = temperature**2 if scale_by_temperature_squared else 1.0
-    kd_rows = t2 * divergence_per_row(log_p, log_q, divergence, beta, alpha)
+    kd_per_row = config.t_squared * divergence_per_row(
+        log_p, log_q, config.divergence, config.mix_weight, config.mix_weight
+    )
     # A row with a NaN or +inf logit, or only -inf ones, has no distribution: its divergence
     # is NaN, whatever the masked sums above make of it.
     has_distributions = (
         torch.logsumexp(s / temperature, -1).isfinite()
         & torch.logsumexp(t / temperature, -1).isfinite()
     )
-    kd_rows = kd_rows + torch.where(has_distributions, 0.0, math.nan)
+    kd_per_row = kd_per_row + torch.where(has_distributions, 0.0, math.nan)
 
     lead_shape = s.shape[:-1]
     keep = torch.ones(lead_shape, dtype=torch.bool, device=s.device)
     if labels is not None:
-        keep = labels != ignore_index
+        keep = labels != config.ignore_index
 
-    ce_rows = None
-    if ce_weight != 0:
+    ce_per_row = None
+    if config.has_ce:
         safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
-        ce_rows = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels).squeeze(-1)
+        ce_per_row = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels).squeeze(-1)
 
     def reduce(rows: Tensor) -> Tensor:
         rows = torch.where(keep, rows, 0.0)
-        if reduction == "none":
+        if config.reduction == "none":
             return rows
         total = rows.sum()
-        if reduction == "sum":
+        if config.reduction == "sum":
             return total
-        if reduction == "batchmean":
+        if config.reduction == "batchmean":
             size0 = student_logits.shape[0] if student_logits.dim() > 0 else 1
             return total / max(size0, 1)
         if num_items_in_batch is not None:
@@ -130,7 +139,7 @@ def kd_loss_reference(
             denominator = keep.sum()
         return total / denominator.to(compute_dtype).clamp_min(1)
 
-    kd = reduce(kd_rows)
-    ce = None if ce_rows is None else reduce(ce_rows)
-    loss = kd_weight * kd + (ce_weight * ce if ce is not None else 0.0)
+    kd = reduce(kd_per_row)
+    ce = None if ce_per_row is None else reduce(ce_per_row)
+    loss = config.kd_weight * kd + (config.ce_weight * ce if ce is not None else 0.0)
     return loss, kd, ce

@@ -21,13 +21,19 @@ WORST_ERRORS: dict[str, tuple[float, float]] = {}
 
 
 def _kernel_targets():
-    """(backend, device, why-not) for every kernel backend the suite knows."""
+    """(backend, device, why-not) for every kernel backend of the registry, on each device
+    it runs on."""
     has_cuda = torch.cuda.is_available()
     interp = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    yield "triton", "cpu", None if interp else "TRITON_INTERPRET is not set (a GPU is present)"
-    yield "triton", "cuda", None if has_cuda else "no CUDA device"
-    yield "cpu", "cpu", None  # the C++ CPU kernel; skipped with the reason when not built
-    yield "cuda", "cuda", None if has_cuda else "no CUDA device"
+    for backend in _backends.KERNEL_BACKENDS:
+        for device in _backends.REGISTRY[backend].devices:
+            if device == "cuda":
+                yield backend, device, None if has_cuda else "no CUDA device"
+            elif backend == "triton":
+                why = None if interp else "TRITON_INTERPRET is not set (a GPU is present)"
+                yield backend, device, why
+            else:
+                yield backend, device, None  # skipped with the registry's reason if unavailable
 
 
 def kernel_targets():

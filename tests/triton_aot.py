@@ -18,13 +18,14 @@ from fastkd.triton import kd_kernels
 ROW_KERNEL_ARGS = {
     "s_ptr": "*bf16", "s_row_stride": "i64", "t_ptr": "*fp16", "t_row_stride": "i64",
     "labels_ptr": "*i64", "grad_ptr": "*bf16", "grad_row_stride": "i64",
-    "kd_rows_ptr": "*fp32", "ce_rows_ptr": "*fp32", "grad_scale_ptr": "*fp32", "V": "i32",
+    "kd_per_row_ptr": "*fp32", "ce_per_row_ptr": "*fp32", "reduction_factor_ptr": "*fp32",
+    "V": "i32",
     "inv_t": "fp32", "softcap": "fp32", "w": "fp32", "log_w": "fp32", "log_1mw": "fp32",
     "kd_grad_coef": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
 }  # fmt: skip
 SCALE_KERNEL_ARGS = {
-    "grad_ptr": "*bf16", "grad_row_stride": "i64", "factor_ptr": "*fp32",
-    "factor_row_stride": "i64", "V": "i32",
+    "grad_ptr": "*bf16", "grad_row_stride": "i64", "grad_output_ptr": "*fp32",
+    "grad_output_row_stride": "i64", "V": "i32",
 }  # fmt: skip
 
 
@@ -47,7 +48,7 @@ def main(capability: int) -> None:
     for div in DIVERGENCES.values():
         for full in (True, False):
             constexprs = dict(
-                DIV=div.code, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=full, HAS_CE=full,
+                DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=full, HAS_CE=full,
                 SOFTCAP=full, COMPUTE_GRAD=full, BLOCK=block,
             )  # fmt: skip
             size = compile_kernel(

@@ -21,15 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .._rows import RowArgs, RowLosses
 from ..divergences import DIVERGENCES
 
-FORWARD_KL = tl.constexpr(DIVERGENCES["forward_kl"].code)
-SOFT_CE = tl.constexpr(DIVERGENCES["soft_ce"].code)
-REVERSE_KL = tl.constexpr(DIVERGENCES["reverse_kl"].code)
-JSD = tl.constexpr(DIVERGENCES["jsd"].code)
-SKEW_FORWARD_KL = tl.constexpr(DIVERGENCES["skew_forward_kl"].code)
-SKEW_REVERSE_KL = tl.constexpr(DIVERGENCES["skew_reverse_kl"].code)
-TVD = tl.constexpr(DIVERGENCES["tvd"].code)
 NAN = tl.constexpr(float("nan"))
 
 NEG_INF = tl.constexpr(float("-inf"))
@@ -91,32 +85,32 @@ def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, log_w, log_1mw):
     """
     p = tl.exp(log_p)
     q = tl.exp(log_q)
-    if DIV == FORWARD_KL:
+    if DIV == "forward_kl":
         loss = _xlogratio(p, log_p, log_q)
         qh = -p  # g = -p/q
-    elif DIV == SOFT_CE:
+    elif DIV == "soft_ce":
         loss = tl.where(p > 0.0, -p * log_q, 0.0)
         qh = -p  # g = -p/q
-    elif DIV == REVERSE_KL:
+    elif DIV == "reverse_kl":
         loss = _xlogratio(q, log_q, log_p)
         qh = tl.where(q > 0.0, q * a_minus_b, 0.0)  # g = log q - log p + 1
-    elif DIV == JSD:
+    elif DIV == "jsd":
         log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
         loss = w * _xlogratio(p, log_p, log_m) + (1.0 - w) * _xlogratio(q, log_q, log_m)
         # g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(log(w p / ((1-w) q))))
         h = -(1.0 - w) * _softplus(log_w - log_1mw + log_p - log_q)
         qh = tl.where(q > 0.0, q * h, 0.0)
-    elif DIV == SKEW_FORWARD_KL:
+    elif DIV == "skew_forward_kl":
         log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
         loss = _xlogratio(p, log_p, log_m)
         qh = tl.where(p > 0.0, -(1.0 - w) * p * tl.exp(log_q - log_m), 0.0)  # g = -(1-w)p/m
-    elif DIV == SKEW_REVERSE_KL:
+    elif DIV == "skew_reverse_kl":
         log_m = _logaddexp(log_w + log_q, log_1mw + log_p)
         loss = _xlogratio(q, log_q, log_m)
         # g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u), u = log((1-w)p/(w q))
         u = log_1mw - log_w + log_p - log_q
         qh = tl.where(q > 0.0, q * (_sigmoid(u) - _softplus(u)), 0.0)
-    else:  # TVD: g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
+    else:  # tvd: g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
         loss = 0.5 * tl.abs(p - q)
         qh = tl.where(q > p, q, tl.where(q < p, -q, 0.0))
     return loss, qh
@@ -152,9 +146,9 @@ def kd_row_kernel(
     labels_ptr,
     grad_ptr,
     grad_row_stride,
-    kd_rows_ptr,
-    ce_rows_ptr,
-    grad_scale_ptr,
+    kd_per_row_ptr,
+    ce_per_row_ptr,
+    reduction_factor_ptr,
     V,
     inv_t,
     softcap,
@@ -174,9 +168,10 @@ def kd_row_kernel(
 ):
     """Loss (and gradient) of one row.
 
-    Writes D to kd_rows[row] and CE to ce_rows[row] (0 for ignored rows). When COMPUTE_GRAD,
-    writes grad_scale * dL/ds to the gradient row, with kd_grad_coef = kd_weight * T^2 / T
-    (or kd_weight / T without T^2 scaling).
+    Writes D to kd_per_row[row] and CE to ce_per_row[row] (0 for ignored rows). DIV is the
+    divergence's name in fastkd/divergences.py. When COMPUTE_GRAD, writes
+    reduction_factor * dL/ds to the gradient row, with kd_grad_coef = kd_weight * T^2 / T (or
+    kd_weight / T without T^2 scaling).
     """
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_row_stride
@@ -208,11 +203,11 @@ def kd_row_kernel(
         m_b, z_b, e_b, rescale_b = _online_lse_step(m_b, z_b, b)
         if HAS_CE:
             m_s, z_s, _, _ = _online_lse_step(m_s, z_s, s)
-        if DIV == FORWARD_KL:
+        if DIV == "forward_kl":
             cross = cross * rescale_b + tl.sum(tl.where(e_b > 0.0, e_b * (b - a), 0.0), axis=0)
-        elif DIV == SOFT_CE:
+        elif DIV == "soft_ce":
             cross = cross * rescale_b - tl.sum(tl.where(e_b > 0.0, e_b * a, 0.0), axis=0)
-        elif DIV == REVERSE_KL:
+        elif DIV == "reverse_kl":
             cross = cross * rescale_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - b), 0.0), axis=0)
     # log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
     # would round it to the ulp of the logits' magnitude.
@@ -227,10 +222,10 @@ def kd_row_kernel(
 
     # The loss, and S = sum_k q_k g_k for the gradient.
     if ONE_PASS_LOSS:
-        if DIV == FORWARD_KL:
+        if DIV == "forward_kl":
             kd = cross / z_b + (m_a - m_b) + (log_z_a - log_z_b)
             qh_sum = -1.0
-        elif DIV == SOFT_CE:
+        elif DIV == "soft_ce":
             kd = cross / z_b + m_a + log_z_a
             qh_sum = -1.0
         else:  # REVERSE_KL
@@ -251,7 +246,7 @@ def kd_row_kernel(
             loss_terms, qh_terms = _pointwise(DIV, log_p, log_q, a - b, w, log_w, log_1mw)
             kd_acc += loss_terms
             qh_acc += qh_terms
-            if DIV == TVD:
+            if DIV == "tvd":
                 q_above_acc += tl.maximum(qh_terms, 0.0)
                 q_below_acc += tl.maximum(-qh_terms, 0.0)
         kd = tl.sum(kd_acc, axis=0)
@@ -267,12 +262,12 @@ def kd_row_kernel(
         if SOFTCAP:
             s_label = softcap * _tanh(s_label / softcap)
         ce = (m_s - s_label) + log_z_s
-        tl.store(ce_rows_ptr + row, tl.where(ignored, 0.0, ce))
-    tl.store(kd_rows_ptr + row, tl.where(ignored, 0.0, kd + no_distribution))
+        tl.store(ce_per_row_ptr + row, tl.where(ignored, 0.0, ce))
+    tl.store(kd_per_row_ptr + row, tl.where(ignored, 0.0, kd + no_distribution))
 
     if COMPUTE_GRAD:
         # Last pass: it reads a block before writing it, so grad_ptr may alias s_ptr.
-        grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+        reduction_factor = tl.load(reduction_factor_ptr).to(tl.float32)
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, V, BLOCK):
             cols = start + offs
@@ -281,7 +276,7 @@ def kd_row_kernel(
             log_q = (a - m_a) - log_z_a
             _, qh = _pointwise(DIV, (b - m_b) - log_z_b, log_q, a - b, w, log_w, log_1mw)
             q = tl.exp(log_q)
-            if DIV == TVD:
+            if DIV == "tvd":
                 # q_j (g_j - S) = q_j * (sum of q where q < p) where q_j > p_j, and
                 # -q_j * (sum of q where q > p) where q_j < p_j: no 1/2 - S cancellation.
                 d_a = tl.where(qh > 0.0, q * q_below, tl.where(qh < 0.0, -q * q_above, 0.0))
@@ -293,21 +288,22 @@ def kd_row_kernel(
                 g += ce_weight * (softmax_s - tl.where(cols == label, 1.0, 0.0))
             if SOFTCAP:
                 g *= 1.0 - (s / softcap) * (s / softcap)
-            g = tl.where(ignored, 0.0, g * grad_scale)
+            g = tl.where(ignored, 0.0, g * reduction_factor)
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
 
 @triton.jit
 def scale_rows_kernel(
-    grad_ptr, grad_row_stride, factor_ptr, factor_row_stride, V, BLOCK: tl.constexpr
+    grad_ptr, grad_row_stride, grad_output_ptr, grad_output_row_stride, V, BLOCK: tl.constexpr
 ):
-    """grad[row] *= factor[row * factor_row_stride]; a row whose factor is 1 is not touched.
+    """grad[row] *= grad_output[row * grad_output_row_stride]; a row whose grad_output is 1
+    is not touched.
 
-    Backward of KDLoss: the stored gradient times grad_output. Reading the factor on the
-    device (no host sync) and skipping when it is 1 makes the common case free.
+    Backward of KDLoss: the stored gradient times grad_output. Reading it on the device (no
+    host sync) and skipping when it is 1 makes the common case free.
     """
     row = tl.program_id(0).to(tl.int64)
-    factor = tl.load(factor_ptr + row * factor_row_stride).to(tl.float32)
+    factor = tl.load(grad_output_ptr + row * grad_output_row_stride).to(tl.float32)
     if factor != 1.0:
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, V, BLOCK):
@@ -330,82 +326,66 @@ def _launch_device(x: torch.Tensor):
     return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
-def kd_rows(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
-    labels: torch.Tensor | None,
-    grad: torch.Tensor | None,
-    grad_scale: torch.Tensor,
-    *,
-    divergence: str,
-    temperature: float,
-    param: float,
-    softcap: float | None,
-    kd_grad_coef: float,
-    ce_weight: float,
-    ignore_index: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the row kernel on (N, V) row-major views; returns (kd_rows, ce_rows) in float32.
-
-    ``grad`` (N, V), or None for loss only, receives grad_scale * dL/ds; it may be ``student``.
-    """
+def row_kernel(rows: RowArgs) -> RowLosses:
+    """The fastkd._rows interface: one program per row of (N, V) row-major views."""
+    config = rows.config
+    student, labels, grad = rows.student, rows.labels, rows.grad
     n_rows, V = student.shape
     if labels is not None:
         labels = labels.contiguous()  # the kernel reads labels_ptr + row
-    kd_out = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    ce_out = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
+    kd_per_row = torch.empty(n_rows, dtype=torch.float32, device=student.device)
+    ce_per_row = torch.zeros(n_rows, dtype=torch.float32, device=student.device)
     if n_rows == 0:
-        return kd_out, ce_out
-    div = DIVERGENCES[divergence]
+        return RowLosses(kd_per_row, ce_per_row)
+    div = DIVERGENCES[config.divergence]
     block = _block_size(V)
-    has_ce = labels is not None and ce_weight != 0
-    w = param if div.param else 0.5
+    w = config.mix_weight
     with _launch_device(student):
         kd_row_kernel[(n_rows,)](
             student,
             student.stride(0),
-            teacher,
-            teacher.stride(0),
-            labels if labels is not None else kd_out,
+            rows.teacher,
+            rows.teacher.stride(0),
+            labels if labels is not None else kd_per_row,
             grad if grad is not None else student,
             grad.stride(0) if grad is not None else 0,
-            kd_out,
-            ce_out,
-            grad_scale,
+            kd_per_row,
+            ce_per_row,
+            rows.reduction_factor,
             V,
-            1.0 / temperature,
-            softcap if softcap is not None else 1.0,
+            1.0 / config.temperature,
+            config.softcap if config.softcap is not None else 1.0,
             w,
             math.log(w),
             math.log1p(-w),
-            kd_grad_coef,
-            ce_weight,
-            ignore_index,
-            DIV=div.code,
+            config.kd_grad_coef,
+            config.ce_weight,
+            config.ignore_index,
+            DIV=div.name,
             ONE_PASS_LOSS=div.one_pass_loss,
             HAS_LABELS=labels is not None,
-            HAS_CE=has_ce,
-            SOFTCAP=softcap is not None,
+            HAS_CE=labels is not None and config.has_ce,
+            SOFTCAP=config.softcap is not None,
             COMPUTE_GRAD=grad is not None,
             BLOCK=block,
             num_warps=_num_warps(block),
         )
-    return kd_out, ce_out
+    return RowLosses(kd_per_row, ce_per_row)
 
 
-def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
-    """grad (N, V) *= factor, a 0-d tensor or one value per row, in place."""
+def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """grad (N, V) *= grad_output, a 0-d tensor or one value per row, in place."""
     n_rows, V = grad.shape
     if n_rows == 0:
         return
-    factor = factor.to(device=grad.device)
+    grad_output = grad_output.to(device=grad.device)
     block = _block_size(V)
     with _launch_device(grad):
         scale_rows_kernel[(n_rows,)](
             grad,
             grad.stride(0),
-            factor,
-            0 if factor.dim() == 0 else factor.stride(0),
+            grad_output,
+            0 if grad_output.dim() == 0 else grad_output.stride(0),
             V,
             BLOCK=block,
             num_warps=_num_warps(block),
