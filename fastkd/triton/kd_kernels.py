@@ -110,7 +110,9 @@ def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, log_w, log_1mw):
         # g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u), u = log((1-w)p/(w q))
         u = log_1mw - log_w + log_p - log_q
         qh = tl.where(q > 0.0, q * (_sigmoid(u) - _softplus(u)), 0.0)
-    else:  # tvd: g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
+    else:
+        tl.static_assert(DIV == "tvd", "a divergence of the table without a branch here")
+        # g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
         loss = 0.5 * tl.abs(p - q)
         qh = tl.where(q > p, q, tl.where(q < p, -q, 0.0))
     return loss, qh
