@@ -112,7 +112,7 @@ class KDConfig:
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         return cls(
             divergence=divergence,
-            temperature=check_number("temperature", o["temperature"], positive=True),
+            temperature=_check_temperature(o["temperature"]),
             mix_weight=_mix_weight(divergence, o["beta"], o["alpha"]),
             softcap=softcap,
             scale_by_temperature_squared=o["scale_by_temperature_squared"],
@@ -161,6 +161,22 @@ class KDConfig:
         return cls(*values)
 
 
+# 1/T and T^2 must stay far from float32's limits (3.4e38) for logits up to 1e4 in
+# magnitude (design.md §2): T = 1e-4 makes them 1e8, T^2 = 1e8 at T = 1e4.
+TEMPERATURE_RANGE = (1e-4, 1e4)
+
+
+def _check_temperature(value) -> float:
+    value = check_number("temperature", value, positive=True)
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:
+        raise ValueError(
+            f"temperature must lie in [{low:g}, {high:g}] (float32 holds 1/T and T^2 there for "
+            f"logits up to 1e4), got {value!r}"
+        )
+    return value
+
+
 def _mix_weight(divergence: str, beta, alpha) -> float:
     name = DIVERGENCES[divergence].param
     if name is None:
@@ -196,10 +212,21 @@ def check_flags(**flags) -> None:
 # --- checks of tensors -------------------------------------------------------------------
 
 
-def check_float_tensor(name: str, x) -> None:
-    """A floating-point torch.Tensor, or a TypeError naming the argument."""
+def check_dense_tensor(name: str, x) -> None:
+    """A dense (strided) torch.Tensor with data, or a TypeError naming the argument: the
+    kernels read memory through strides, and sparse, nested or meta tensors have none."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_nested or x.layout != torch.strided:
+        kind = "a nested tensor" if x.is_nested else f"layout {x.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
+    if x.device.type == "meta":
+        raise TypeError(f"{name} must hold data, got a tensor on the meta device")
+
+
+def check_float_tensor(name: str, x) -> None:
+    """A dense floating-point torch.Tensor, or a TypeError naming the argument."""
+    check_dense_tensor(name, x)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
@@ -239,6 +266,7 @@ def check_labels(
         return
     if not isinstance(labels, Tensor):
         raise TypeError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+    check_dense_tensor("labels", labels)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor, got dtype {labels.dtype}")
     if labels.shape != lead_shape:
@@ -269,6 +297,7 @@ def check_num_items(num_items_in_batch, device: torch.device) -> Tensor | None:
     if num_items_in_batch is None:
         return None
     if isinstance(num_items_in_batch, Tensor):
+        check_dense_tensor("num_items_in_batch", num_items_in_batch)
         if num_items_in_batch.dtype == torch.bool or num_items_in_batch.is_complex():
             raise TypeError(
                 f"num_items_in_batch must hold a real number, got dtype {num_items_in_batch.dtype}"
@@ -279,8 +308,9 @@ def check_num_items(num_items_in_batch, device: torch.device) -> Tensor | None:
                 f"{tuple(num_items_in_batch.shape)}"
             )
         count = num_items_in_batch.reshape(())
-        # 0 is let through (and counts as 1): a trainer hands it over when every label of the
-        # accumulated batch is ignored, and the loss is then 0.
+        # 0 is let through (the sum, 0, is then divided by 1): a trainer hands it over when
+        # every label of the accumulated batch is ignored. Every positive count is honoured,
+        # fractional ones included.
         check_values(
             torch.isfinite(count) & (count >= 0),
             "num_items_in_batch must be a finite number >= 0",

@@ -75,14 +75,19 @@ def reduction_factor(
     elif config.reduction == "batchmean":
         value = 1.0 / max(size0, 1)
     elif num_items_in_batch is not None:
-        ones = torch.ones((), dtype=dtype, device=device)
-        return ones / num_items_in_batch.to(dtype).clamp_min(1)
+        return 1.0 / nonzero_count(num_items_in_batch.to(dtype))
     elif labels is not None:
         kept = (labels != config.ignore_index).sum().to(dtype)
-        return 1.0 / kept.clamp_min(1)
+        return 1.0 / nonzero_count(kept)
     else:
         value = 1.0 / max(n_rows, 1)
     return torch.full((), value, dtype=dtype, device=device)
+
+
+def nonzero_count(count: Tensor) -> Tensor:
+    """The divisor of a mean over ``count`` rows: the count, or 1 where it is exactly 0 (no
+    row kept: the sum is 0, and so is the mean and its gradient). Fractional counts stay."""
+    return torch.where(count == 0, torch.ones_like(count), count)
 
 
 def run_rows(kernel: RowKernel, rows: RowArgs) -> RowLosses:

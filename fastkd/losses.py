@@ -67,7 +67,7 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
         loss, kd, ce = reference_loss(student_logits, teacher, labels, num_items, config)
         kd, ce = kd.detach(), None if ce is None else ce.detach()
     else:
-        if config.inplace_backward and student_logits.requires_grad:
+        if config.inplace_backward and student_logits.requires_grad and torch.is_grad_enabled():
             _check_inplace(student_logits, teacher)
         loss, kd, ce = _ops.kd_loss_through_kernels(
             student_logits, teacher, labels, num_items, config
@@ -80,6 +80,13 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
 
 
 def _check_inplace(student: Tensor, teacher: Tensor) -> None:
+    if student.is_leaf:
+        raise ValueError(
+            "inplace_backward=True would overwrite student_logits, a leaf tensor that requires "
+            "grad (an nn.Parameter, or a tensor made with requires_grad=True), with its "
+            "gradient: PyTorch refuses in-place operations on such leaves. Pass logits that a "
+            "model computed, or inplace_backward=False"
+        )
     V = student.shape[-1]
     try:
         rows = student.view(-1, V)

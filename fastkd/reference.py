@@ -106,12 +106,13 @@ def reference_loss(
         log_p, log_q, config.divergence, config.mix_weight, config.mix_weight
     )
     # A row with a NaN or +inf logit, or only -inf ones, has no distribution: its divergence
-    # is NaN, whatever the masked sums above make of it.
+    # and its gradient are NaN, whatever the masked sums above make of them (a product, not a
+    # sum, so that the NaN reaches the gradient too).
     has_distributions = (
         torch.logsumexp(s / temperature, -1).isfinite()
         & torch.logsumexp(t / temperature, -1).isfinite()
     )
-    kd_per_row = kd_per_row + torch.where(has_distributions, 0.0, math.nan)
+    kd_per_row = kd_per_row * torch.where(has_distributions, 1.0, math.nan)
 
     lead_shape = s.shape[:-1]
     keep = torch.ones(lead_shape, dtype=torch.bool, device=s.device)
@@ -137,7 +138,9 @@ def reference_loss(
             denominator = torch.as_tensor(num_items_in_batch, device=s.device)
         else:
             denominator = keep.sum()
-        return total / denominator.to(compute_dtype).clamp_min(1)
+        denominator = denominator.to(compute_dtype)
+        # An exact 0 (no row kept, so a sum of 0) divides by 1; every other count as given.
+        return total / torch.where(denominator == 0, 1.0, denominator)
 
     kd = reduce(kd_per_row)
     ce = None if ce_per_row is None else reduce(ce_per_row)

@@ -36,12 +36,6 @@ def _safe_shift(m):
 
 
 @triton.jit
-def _logaddexp(x, y):
-    mx = _safe_shift(tl.maximum(x, y))
-    return mx + tl.log(tl.exp(x - mx) + tl.exp(y - mx))
-
-
-@triton.jit
 def _xlogratio(w, log_w, log_v):
     # w * (log_w - log_v) with 0 log 0 = 0 (masked -inf entries give 0, never NaN).
     return tl.where(w > 0.0, w * (log_w - log_v), 0.0)
@@ -62,17 +56,23 @@ def _log1p_small(x):
 
 
 @triton.jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + _log1p_small(tl.exp(-tl.abs(x)))
+def _mixture(u):
+    """softplus(u), softplus(-u), sigmoid(u), sigmoid(-u) from one exp and one log1p:
+    csrc/kd_math.h's mixture. u is the log of the ratio of a mixture's two weighted
+    probabilities; log(m / p) and log(m / q) are written with these, never as
+    log(w p + (1 - w) q): both probabilities underflow for far-off logits, and log p - log m
+    cancels in float32 where they are close (w near 1 or 0)."""
+    e = tl.exp(-tl.abs(u))  # in (0, 1]: no overflow for any u
+    log1p_e = _log1p_small(e)
+    r = 1.0 / (1.0 + e)
+    positive = u > 0.0
+    softplus_pos = tl.maximum(u, 0.0) + log1p_e
+    softplus_neg = tl.maximum(-u, 0.0) + log1p_e
+    return softplus_pos, softplus_neg, tl.where(positive, r, e * r), tl.where(positive, e * r, r)
 
 
 @triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, log_w, log_1mw):
+def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw):
     """The design.md §1 table for one vocabulary entry: (loss term, q_k * h_k).
 
     h_k is g_k = dD/dq_k, less a constant where that helps: the gradient
@@ -80,8 +80,10 @@ def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, log_w, log_1mw):
     where the student's mass meets none of the teacher's (p << q) would cancel there in
     float32. Each row writes g in the form that tends to 0 in that regime. TVD's gradient is
     assembled in the kernel from q_above / q_below sums instead (see kd_row_kernel).
-    w is beta (jsd) or alpha (skew KLs); log_w = log(w), log_1mw = log(1 - w);
-    a_minus_b = (s - t) / T.
+    a_minus_b = (a - max a) - (b - max b), the log-ratio less a constant, relative to the
+    row's maxima so that no offset of the logits is carried into it.
+    w is beta (jsd) or alpha (skew KLs), with one_minus_w = 1 - w, log_w = log(w) and
+    log_1mw = log(1 - w) computed on the host in double precision.
     """
     p = tl.exp(log_p)
     q = tl.exp(log_q)
@@ -95,27 +97,39 @@ def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, log_w, log_1mw):
         loss = _xlogratio(q, log_q, log_p)
         qh = tl.where(q > 0.0, q * a_minus_b, 0.0)  # g = log q - log p + 1
     elif DIV == "jsd":
-        log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
-        loss = w * _xlogratio(p, log_p, log_m) + (1.0 - w) * _xlogratio(q, log_q, log_m)
-        # g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(log(w p / ((1-w) q))))
-        h = -(1.0 - w) * _softplus(log_w - log_1mw + log_p - log_q)
-        qh = tl.where(q > 0.0, q * h, 0.0)
+        # m = w p + (1-w) q, u = log(w p / ((1-w) q)): log(m/p) = log w + softplus(-u),
+        # log(m/q) = log(1-w) + softplus(u).
+        sp_pos, sp_neg, _, _ = _mixture(log_w - log_1mw + log_p - log_q)
+        p_term = tl.where(p > 0.0, p * (log_w + sp_neg), 0.0)
+        q_term = tl.where(q > 0.0, q * (log_1mw + sp_pos), 0.0)
+        loss = -w * p_term - one_minus_w * q_term
+        # g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(u))
+        qh = tl.where(q > 0.0, -one_minus_w * q * sp_pos, 0.0)
     elif DIV == "skew_forward_kl":
-        log_m = _logaddexp(log_w + log_p, log_1mw + log_q)
-        loss = _xlogratio(p, log_p, log_m)
-        qh = tl.where(p > 0.0, -(1.0 - w) * p * tl.exp(log_q - log_m), 0.0)  # g = -(1-w)p/m
+        # m = w p + (1-w) q as for jsd; g = -(1-w) p/m, and (1-w) q/m = sigmoid(-u).
+        _, sp_neg, _, sig_neg = _mixture(log_w - log_1mw + log_p - log_q)
+        loss = tl.where(p > 0.0, -p * (log_w + sp_neg), 0.0)
+        qh = tl.where(p > 0.0, -p * sig_neg, 0.0)
     elif DIV == "skew_reverse_kl":
-        log_m = _logaddexp(log_w + log_q, log_1mw + log_p)
-        loss = _xlogratio(q, log_q, log_m)
-        # g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u), u = log((1-w)p/(w q))
-        u = log_1mw - log_w + log_p - log_q
-        qh = tl.where(q > 0.0, q * (_sigmoid(u) - _softplus(u)), 0.0)
+        # m = w q + (1-w) p, u = log((1-w) p / (w q)): log(m/q) = log w + softplus(u);
+        # g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u)
+        sp_pos, _, sig_pos, _ = _mixture(log_1mw - log_w + log_p - log_q)
+        loss = tl.where(q > 0.0, -q * (log_w + sp_pos), 0.0)
+        qh = tl.where(q > 0.0, q * (sig_pos - sp_pos), 0.0)
     else:
         tl.static_assert(DIV == "tvd", "a divergence of the table without a branch here")
         # g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
         loss = 0.5 * tl.abs(p - q)
         qh = tl.where(q > p, q, tl.where(q < p, -q, 0.0))
     return loss, qh
+
+
+@triton.jit
+def _rebase(cross, rescale, z_old, moved):
+    """A carried sum of e * (a value relative to the running maxima), after the maxima moved:
+    each value shifts by ``moved`` and each weight by ``rescale``. Nothing is carried while
+    z_old is 0 (its maxima may still be -inf)."""
+    return tl.where(z_old > 0.0, (cross + moved * z_old) * rescale, 0.0)
 
 
 @triton.jit
@@ -155,6 +169,7 @@ def kd_row_kernel(
     inv_t,
     softcap,
     w,
+    one_minus_w,
     log_w,
     log_1mw,
     kd_grad_coef,
@@ -201,16 +216,29 @@ def kd_row_kernel(
         cols = start + offs
         s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
         _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+        m_a_old, m_b_old, z_a_old, z_b_old = m_a, m_b, z_a, z_b
         m_a, z_a, e_a, rescale_a = _online_lse_step(m_a, z_a, a)
         m_b, z_b, e_b, rescale_b = _online_lse_step(m_b, z_b, b)
         if HAS_CE:
             m_s, z_s, _, _ = _online_lse_step(m_s, z_s, s)
-        if DIV == "forward_kl":
-            cross = cross * rescale_b + tl.sum(tl.where(e_b > 0.0, e_b * (b - a), 0.0), axis=0)
-        elif DIV == "soft_ce":
-            cross = cross * rescale_b - tl.sum(tl.where(e_b > 0.0, e_b * a, 0.0), axis=0)
-        elif DIV == "reverse_kl":
-            cross = cross * rescale_a + tl.sum(tl.where(e_a > 0.0, e_a * (a - b), 0.0), axis=0)
+        # The cross terms are carried relative to the running maxima (a - m_a, b - m_b), so
+        # that an offset shared by the logits is never summed and then cancelled.
+        moved_a = m_a - m_a_old
+        moved_b = m_b - m_b_old
+        a_rel = a - _safe_shift(m_a)
+        b_rel = b - _safe_shift(m_b)
+        if DIV == "forward_kl":  # sum e_b ((b - m_b) - (a - m_a))
+            cross = _rebase(cross, rescale_b, z_b_old, moved_a - moved_b) + tl.sum(
+                tl.where(e_b > 0.0, e_b * (b_rel - a_rel), 0.0), axis=0
+            )
+        elif DIV == "soft_ce":  # -sum e_b (a - m_a)
+            cross = _rebase(cross, rescale_b, z_b_old, moved_a) - tl.sum(
+                tl.where(e_b > 0.0, e_b * a_rel, 0.0), axis=0
+            )
+        elif DIV == "reverse_kl":  # sum e_a ((a - m_a) - (b - m_b))
+            cross = _rebase(cross, rescale_a, z_a_old, moved_b - moved_a) + tl.sum(
+                tl.where(e_a > 0.0, e_a * (a_rel - b_rel), 0.0), axis=0
+            )
     # log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
     # would round it to the ulp of the logits' magnitude.
     m_a = _safe_shift(m_a)
@@ -225,14 +253,14 @@ def kd_row_kernel(
     # The loss, and S = sum_k q_k g_k for the gradient.
     if ONE_PASS_LOSS:
         if DIV == "forward_kl":
-            kd = cross / z_b + (m_a - m_b) + (log_z_a - log_z_b)
+            kd = cross / z_b + (log_z_a - log_z_b)
             qh_sum = -1.0
         elif DIV == "soft_ce":
-            kd = cross / z_b + m_a + log_z_a
+            kd = cross / z_b + log_z_a
             qh_sum = -1.0
-        else:  # REVERSE_KL
-            qh_sum = cross / z_a  # sum_k q_k (a_k - b_k), the h of _pointwise
-            kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a)
+        else:  # reverse_kl
+            qh_sum = cross / z_a  # sum_k q_k ((a_k - m_a) - (b_k - m_b)), the h of _pointwise
+            kd = qh_sum + (log_z_b - log_z_a)
     else:
         kd_acc = tl.zeros([BLOCK], dtype=tl.float32)
         qh_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -245,7 +273,10 @@ def kd_row_kernel(
             _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
             log_p = (b - m_b) - log_z_b
             log_q = (a - m_a) - log_z_a
-            loss_terms, qh_terms = _pointwise(DIV, log_p, log_q, a - b, w, log_w, log_1mw)
+            a_minus_b = (a - m_a) - (b - m_b)
+            loss_terms, qh_terms = _pointwise(
+                DIV, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw
+            )
             kd_acc += loss_terms
             qh_acc += qh_terms
             if DIV == "tvd":
@@ -276,7 +307,9 @@ def kd_row_kernel(
             s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
             _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
             log_q = (a - m_a) - log_z_a
-            _, qh = _pointwise(DIV, (b - m_b) - log_z_b, log_q, a - b, w, log_w, log_1mw)
+            log_p = (b - m_b) - log_z_b
+            a_minus_b = (a - m_a) - (b - m_b)
+            _, qh = _pointwise(DIV, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw)
             q = tl.exp(log_q)
             if DIV == "tvd":
                 # q_j (g_j - S) = q_j * (sum of q where q < p) where q_j > p_j, and
@@ -358,6 +391,7 @@ def row_kernel(rows: RowArgs) -> RowLosses:
             1.0 / config.temperature,
             config.softcap if config.softcap is not None else 1.0,
             w,
+            1.0 - w,  # in double here: 1 - float32(w) loses 1 - w's digits as w nears 1
             math.log(w),
             math.log1p(-w),
             config.kd_grad_coef,
