@@ -1,6 +1,6 @@
-"""FusedLinearKDLoss from hidden states and LM-head weights against the plain formula on full
-logits (eager and compiled) and Liger-Kernel's fused-linear JSD (Triton and chunked). Until
-fastkd has FusedLinearKDLoss its rows are skipped with that reason."""
+"""FusedLinearKDLoss from hidden states and LM-head weights, with every fastkd backend, against
+the plain formula on full logits (eager and compiled) and Liger-Kernel's fused-linear JSD
+(Triton and chunked). See conftest.py for the options."""
 
 from _suite import run
 

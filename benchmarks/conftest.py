@@ -37,27 +37,17 @@ def _ints(text):
 
 def _cases(config, fused: bool) -> list[Case]:
     device = config.getoption("kd_device") or ("cuda" if torch.cuda.is_available() else "cpu")
-    defaults = cli.DEFAULTS[device]
-    tokens = _ints(config.getoption("kd_tokens")) or defaults["tokens"]
-    vocab = _ints(config.getoption("kd_vocab")) or defaults["vocab"]
-    dtype = config.getoption("kd_dtype") or defaults["dtype"][0]
-    hidden = config.getoption("kd_hidden") or defaults["hidden"]
-    return [
-        Case(
-            divergence=div,
-            tokens=n,
-            vocab=v,
-            dtype=dtype,
-            device=device,
-            temperature=config.getoption("kd_temperature"),
-            fused_linear=fused,
-            hidden=hidden if fused else 0,
-            teacher_hidden=hidden if fused else 0,
-        )
-        for div in config.getoption("kd_divergence").split(",")
-        for n in tokens
-        for v in vocab
-    ]
+    dtype = config.getoption("kd_dtype")
+    return cli.make_cases(
+        device,
+        config.getoption("kd_divergence").split(","),
+        tokens=_ints(config.getoption("kd_tokens")),
+        vocab=_ints(config.getoption("kd_vocab")),
+        dtype=[dtype] if dtype else None,
+        fused_linear=fused,
+        hidden=config.getoption("kd_hidden"),
+        temperature=config.getoption("kd_temperature"),
+    )
 
 
 def pytest_generate_tests(metafunc):

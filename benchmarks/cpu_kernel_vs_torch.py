@@ -3,76 +3,58 @@ eager and under torch.compile (issue 3's benchmark).
 
     python benchmarks/cpu_kernel_vs_torch.py                    # the issue's four cases
     python benchmarks/cpu_kernel_vs_torch.py --repeats 3 --cases 4096x32000 --no-memory
+    python benchmarks/cpu_kernel_vs_torch.py --cases 64x512 --repeats 1 --warmup 1   # a smoke run
 
 Cases: float32 logits, T = 2, forward_kl (the F.kl_div formula with batchmean and T^2, which
 KDLoss replaces) and jsd (TRL's generalized_jsd_loss formula, beta = 0.5, no T^2, mean over
-rows), at N x V = 4096 x 32000 and 1024 x 128256. Time: every variant of a case runs in this
-one process, interleaved round by round, after a warm-up (which includes torch.compile's
-compilation); the median of the rounds is reported. Memory: each variant runs again in a
-fresh subprocess (Linux), which reports the peak RSS of a forward + backward after a warm-up
-one, and that peak over the RSS the process had just before it (its inputs, 2 * N * V * 4
-bytes, and its libraries); the gradient itself is N * V * 4 bytes.
+rows), at N x V = 4096 x 32000 and 1024 x 128256; the formulas are fastkd.bench.formulas's.
+Time: every variant of a case runs in this one process, interleaved round by round, after a
+warm-up (which includes torch.compile's compilation); the median of the rounds is reported.
+Memory: each variant runs again in a fresh subprocess, which reports the peak RSS of a
+forward + backward after a warm-up one, and that peak over the RSS the process had just
+before it (its inputs, 2 * N * V * 4 bytes, and its libraries), as
+fastkd.bench.measure.PeakMemory measures them (Linux); the gradient itself is N * V * 4 bytes.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
 import fastkd
+from fastkd.bench import measure
+from fastkd.bench.formulas import kd_formula
 
 T = 2.0
 BETA = 0.5
-CASES = {"4096x32000": (4096, 32000), "1024x128256": (1024, 128256)}
+CASES = ("4096x32000", "1024x128256")  # N x V
 DIVERGENCES = ("forward_kl", "jsd")
 VARIANTS = ("fastkd", "torch_eager", "torch_compile")
 
 
-def formula(divergence: str):
-    """The plain-PyTorch loss people write today, (student, teacher) -> scalar."""
+def options(divergence: str) -> dict:
+    """The loss of a case, as kd_loss's arguments: batchmean and T^2 for forward_kl (the
+    F.kl_div formula), TRL's JSD (beta on the teacher, no T^2) for jsd."""
     if divergence == "forward_kl":
-
-        def forward_kl(s, t):
-            log_q = F.log_softmax(s / T, dim=-1)
-            p = F.softmax(t / T, dim=-1)
-            return F.kl_div(log_q, p, reduction="batchmean") * T**2
-
-        return forward_kl
-
-    def jsd(s, t):  # TRL's generalized_jsd_loss, labels=None, mean over rows
-        log_q = F.log_softmax(s / T, dim=-1)
-        log_p = F.log_softmax(t / T, dim=-1)
-        log_m = torch.logsumexp(
-            torch.stack([log_q + math.log(1 - BETA), log_p + math.log(BETA)]), dim=0
-        )
-        kl_teacher = F.kl_div(log_m, log_p, reduction="none", log_target=True)
-        kl_student = F.kl_div(log_m, log_q, reduction="none", log_target=True)
-        return (BETA * kl_teacher + (1 - BETA) * kl_student).sum() / s.shape[0]
-
-    return jsd
+        return dict(divergence=divergence, temperature=T)
+    return dict(divergence=divergence, temperature=T, beta=BETA, scale_by_temperature_squared=False)
 
 
 def loss_fn(variant: str, divergence: str):
     if variant == "fastkd":
-        options = dict(temperature=T, backend="cpu")
-        if divergence == "forward_kl":
-            options["reduction"] = "batchmean"
-        else:
-            options.update(beta=BETA, scale_by_temperature_squared=False)
-        return fastkd.KDLoss(divergence, **options)
+        reduction = "batchmean" if divergence == "forward_kl" else "mean"  # the same on (N, V)
+        return fastkd.KDLoss(backend="cpu", reduction=reduction, **options(divergence))
+    formula = functools.partial(kd_formula, **options(divergence))
     if variant == "torch_eager":
-        return formula(divergence)
-    return torch.compile(formula(divergence), fullgraph=True, dynamic=False)
+        return formula
+    return torch.compile(formula, fullgraph=True, dynamic=False)
 
 
 def make_inputs(n_rows: int, vocab: int):
@@ -84,12 +66,14 @@ def make_inputs(n_rows: int, vocab: int):
 
 def step(fn, student, teacher) -> tuple[float, torch.Tensor]:
     """One forward + backward; returns (seconds, loss). autograd.grad: no accumulation."""
-    start = time.perf_counter()
-    loss = fn(student, teacher)
-    (grad,) = torch.autograd.grad(loss, student)
-    elapsed = time.perf_counter() - start
-    del grad
-    return elapsed, loss.detach()
+
+    def call():
+        loss = fn(student, teacher)
+        torch.autograd.grad(loss, student)
+        return loss.detach()
+
+    ms, loss = measure.time_call(call, "cpu")
+    return ms / 1e3, loss
 
 
 def time_case(n_rows: int, vocab: int, divergence: str, repeats: int, warmup: int) -> dict:
@@ -115,27 +99,23 @@ def time_case(n_rows: int, vocab: int, divergence: str, repeats: int, warmup: in
     }
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        kib = next(line.split()[1] for line in f if line.startswith(field + ":"))
-    return int(kib) * 1024
+def shape(case: str) -> tuple[int, int]:
+    """'4096x32000' -> (4096, 32000)."""
+    n_rows, vocab = (int(x) for x in case.split("x"))
+    return n_rows, vocab
 
 
 def memory_worker(variant: str, case: str, divergence: str) -> None:
     """Runs one variant in this (fresh) process and prints, as JSON, the peak RSS of one
     forward + backward after a warm-up one (which compiles), and the RSS before it: the
-    inputs and whatever the process holds anyway. Linux: the peak is reset through
-    /proc/self/clear_refs between the two."""
-    n_rows, vocab = CASES[case]
+    inputs and whatever the process holds anyway (null where it can't be measured)."""
+    n_rows, vocab = shape(case)
     fn = loss_fn(variant, divergence)
     student, teacher = make_inputs(n_rows, vocab)
     step(fn, student, teacher)
-    with_inputs = _status_bytes("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM, the peak RSS, to the current RSS
-    step(fn, student, teacher)
-    peak = _status_bytes("VmHWM")
-    print(json.dumps({"peak_bytes": peak, "with_inputs_bytes": with_inputs}))
+    with measure.PeakMemory("cpu") as mem:
+        step(fn, student, teacher)
+    print(json.dumps({"peak_bytes": mem.peak, "with_inputs_bytes": mem.before}))
 
 
 def measure_memory(variant: str, case: str, divergence: str) -> dict:
@@ -149,22 +129,15 @@ def measure_memory(variant: str, case: str, divergence: str) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    info = fastkd.build_info()
     return (
-        f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} "
-        f"threads), fastkd CPU kernel: {info['cpu_kernel']}"
+        f"{measure.device_name('cpu')}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"fastkd CPU kernel: {fastkd.build_info()['cpu_kernel']}"
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), help="N x V shapes, e.g. 64x512")
     parser.add_argument("--divergences", nargs="+", default=list(DIVERGENCES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
@@ -184,7 +157,7 @@ def main() -> None:
     print(header)
     results = []
     for case in args.cases:
-        n_rows, vocab = CASES[case]
+        n_rows, vocab = shape(case)
         for divergence in args.divergences:
             timed = time_case(n_rows, vocab, divergence, args.repeats, args.warmup)
             for variant in VARIANTS:
@@ -198,8 +171,11 @@ def main() -> None:
                 if not args.no_memory:
                     mem = measure_memory(variant, case, divergence)
                     row.update(mem)
-                    over = (mem["peak_bytes"] - mem["with_inputs_bytes"]) / 1e9
-                    line += f" {mem['peak_bytes'] / 1e9:>12.2f} {over:>15.2f}"
+                    if mem["peak_bytes"] is None:
+                        line += f" {'n/a':>12} {'n/a':>15}"
+                    else:
+                        over = (mem["peak_bytes"] - mem["with_inputs_bytes"]) / 1e9
+                        line += f" {mem['peak_bytes'] / 1e9:>12.2f} {over:>15.2f}"
                 print(line, flush=True)
                 results.append(row)
     print("# speed-up: the variant's median time over fastkd's (how much faster fastkd is)")

@@ -10,14 +10,18 @@ beta KL(p||m) + (1 - beta) KL(q||m), m = beta p + (1 - beta) q, on logits / T, w
 averaged over the tokens whose label is not ignore_index: fastkd's ``divergence="jsd"``,
 ``scale_by_temperature_squared=False``, ``reduction="mean"`` with the same labels.
 
-Each (implementation, temperature) runs in its own subprocess, so that its peak memory is its
-own: the max RSS of the process on CPU (the whole process: interpreter, torch, inputs), the
-peak allocated memory on CUDA. In that process: one warm-up (Liger's torch.compile happens
-there), one timed run after which the peak is read, then the implementation and the four
-bare matmuls the loss cannot avoid (student and teacher logits, grad_hidden = G W, grad_weight
-= G^T h) alternately, ``--repeats`` times; medians are reported, and each time as a ratio to
-the bare matmuls of the same process. Losses and gradients are compared with the plain
-formula's before anything is reported as a result.
+The plain formula is ``fastkd.bench.formulas.fused_linear_formula`` (TRL's JSD on full
+logits, masked mean over the labelled tokens). Each (implementation, temperature) runs in
+its own subprocess, so that its peak memory is its own. In that process: one warm-up
+(Liger's torch.compile happens there), one timed run, then the implementation and the four
+bare matmuls the loss cannot avoid (student and teacher logits, grad_hidden = G W,
+grad_weight = G^T h) alternately, ``--repeats`` times; medians are reported, and each time
+as a ratio to the bare matmuls of the same process. The peak memory is
+``fastkd.bench.measure.PeakMemory``'s from just after the inputs exist and the loss is built
+(its imports done) to the end of the first timed run, warm-up included: the peak resident
+set on CPU (the whole process: interpreter, torch, inputs; Linux), the peak allocated memory
+on CUDA; "inputs" is what was in use when it started. Losses and gradients are compared with
+the plain formula's before anything is reported as a result.
 
 (``python -m fastkd.bench --fused-linear`` and ``benchmarks/bench_fused_linear.py`` time the
 same implementations in one process against the float64 reference; this script adds the
@@ -30,12 +34,10 @@ import argparse
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 IMPLEMENTATIONS = ("fastkd", "plain", "liger", "liger_eager")
 BETA = 0.5
@@ -60,9 +62,7 @@ def _inputs(args, torch):
     return hs.requires_grad_(), ws.requires_grad_(), ht, wt, labels.to(args.device)
 
 
-def _loss_fn(impl: str, temperature: float, args, torch):
-    import torch.nn.functional as F
-
+def _loss_fn(impl: str, temperature: float, args):
     if impl == "fastkd":
         import fastkd
 
@@ -81,54 +81,38 @@ def _loss_fn(impl: str, temperature: float, args, torch):
         )  # fmt: skip
         return lambda hs, ws, ht, wt, labels: loss(hs, ws, ht, wt, labels)
 
+    from fastkd.bench.formulas import fused_linear_formula
+
     def plain(hs, ws, ht, wt, labels):
-        # TRL's generalized_jsd_loss on full logits, masked mean over the labelled tokens.
-        log_q = F.log_softmax((hs @ ws.T).float() / temperature, -1)
-        with torch.no_grad():
-            log_p = F.log_softmax((ht @ wt.T).float() / temperature, -1)
-        log_m = torch.logsumexp(
-            torch.stack([log_q + math.log(1 - BETA), log_p + math.log(BETA)]), dim=0
-        )
-        kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True)
-        kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True)
-        rows = (BETA * kl_p + (1 - BETA) * kl_q).sum(-1)
-        keep = labels != -100
-        return torch.where(keep, rows, 0.0).sum() / keep.sum().clamp_min(1)
+        return fused_linear_formula(
+            hs, ws, ht, wt, labels, divergence="jsd", beta=BETA, temperature=temperature,
+            scale_by_temperature_squared=False,
+        )  # fmt: skip
 
     return plain
-
-
-def _peak_bytes(device: str, torch) -> int:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _sync(device, torch):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def worker(args) -> None:
     import torch
 
+    from fastkd.bench import measure
+
     hs, ws, ht, wt, labels = _inputs(args, torch)
-    _sync(args.device, torch)
-    inputs_peak = _peak_bytes(args.device, torch)
-    fn = _loss_fn(args.worker, args.temperature, args, torch)
+    fn = _loss_fn(args.worker, args.temperature, args)
 
     def step():
         hs.grad = ws.grad = None
         loss = fn(hs, ws, ht, wt, labels)
         loss.backward()
-        _sync(args.device, torch)
         return loss
 
-    step()  # warm-up: lazy initialisation, Liger's torch.compile
-    start = time.perf_counter()
-    loss = step()
-    times = [time.perf_counter() - start]
-    peak = _peak_bytes(args.device, torch)
+    def timed(call) -> float:
+        return measure.time_call(call, args.device)[0] / 1e3
+
+    with measure.PeakMemory(args.device) as mem:
+        step()  # warm-up: lazy initialisation, Liger's torch.compile
+        ms, loss = measure.time_call(step, args.device)
+    times = [ms / 1e3]
     torch.save(
         {"loss": loss.detach().cpu(), "hidden": hs.grad.cpu(), "weight": ws.grad.cpu()},
         os.path.join(args.save, f"{args.worker}-{args.temperature}.pt"),
@@ -143,25 +127,20 @@ def worker(args) -> None:
         h_t @ w_t.T
         grad_logits @ w_s
         grad_logits.T @ h_s
-        _sync(args.device, torch)
 
     matmul_times = []
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        matmuls()
-        matmul_times.append(time.perf_counter() - start)
+        matmul_times.append(timed(matmuls))
         if len(times) < args.repeats:
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+            times.append(timed(step))
     print(
         json.dumps(
             {
                 "time": statistics.median(times),
                 "times": times,
                 "matmuls": statistics.median(matmul_times),
-                "peak": peak,
-                "inputs_peak": inputs_peak,
+                "peak": mem.peak,
+                "inputs_peak": mem.before,
                 "loss": loss.item(),
             }
         )
@@ -200,10 +179,9 @@ def _shape_args(args):
 def _machine(args) -> str:
     import torch
 
-    if args.device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    threads = torch.get_num_threads()
-    return f"CPU, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}"
+    from fastkd.bench import measure
+
+    return f"{measure.device_name(args.device)}, {os.cpu_count()} CPUs, torch {torch.__version__}"
 
 
 def main(args) -> dict:
@@ -243,9 +221,13 @@ def main(args) -> dict:
         errs = (
             "" if err is None else "  ".join(f"{err[k]:.1e}" for k in ("loss", "hidden", "weight"))
         )  # noqa: E501
+        if r["peak"] is None:  # no /proc/self/clear_refs here
+            memory = f"{'n/a':>9}{'n/a':>11}{'n/a':>16}"
+        else:
+            memory = (f"{r['peak'] / 1e9:>9.2f}{r['inputs_peak'] / 1e9:>11.2f}"
+                      f"{(r['peak'] - r['inputs_peak']) / 1e9:>16.2f}")  # fmt: skip
         print(f"{impl:<12}{temperature:>5}{r['time']:>11.2f}{r['time'] / r['matmuls']:>11.2f}"
-              f"{r['matmuls']:>11.2f}{r['peak'] / 1e9:>9.2f}{r['inputs_peak'] / 1e9:>11.2f}"
-              f"{(r['peak'] - r['inputs_peak']) / 1e9:>16.2f}  {errs}")  # fmt: skip
+              f"{r['matmuls']:>11.2f}{memory}  {errs}")  # fmt: skip
     return {f"{impl} T={t}": r for (impl, t), r in results.items()}
 
 

@@ -72,7 +72,7 @@ if [[ $STEPS == *build* ]]; then
         timeout "$(share 35 200)" "$PY" setup.py build_ext --inplace >>"$LOG" 2>&1
     BUILD_RC=$?
 fi
-BUILD_INFO=$("$PY" -c "import fastkd; f = getattr(fastkd, 'build_info', None); print(f() if f else 'fastkd has no build_info()')" 2>&1 | tail -1)
+BUILD_INFO=$("$PY" -c "import fastkd; print(fastkd.build_info())" 2>&1 | tail -1)
 note "build: rc=$BUILD_RC in $((SECONDS - step))s; $BUILD_INFO"
 
 # 2. tests (whatever the build gave: a failed build leaves Triton and the reference to test)

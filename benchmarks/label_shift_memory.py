@@ -4,9 +4,10 @@
 
 ``kd_loss(logits[:, :-1], teacher[:, :-1], labels[:, 1:])`` and ``kd_loss(logits, teacher,
 pad(labels[:, 1:], (0, 1), value=-100))`` give the same loss and gradient. Each variant runs
-forward + backward in a fresh subprocess (Linux: peak RSS through /proc/self/status, reset
-with /proc/self/clear_refs after the inputs exist), alternating, and the medians are printed.
-The logits come from a leaf through one multiply, as a model's output would.
+forward + backward in a fresh subprocess, alternating, and the medians are printed: its time
+and its peak memory beyond the inputs (``fastkd.bench.measure``'s ``time_call`` and
+``PeakMemory``: on Linux, the peak RSS reset after the inputs exist). The logits come from a
+leaf through one multiply, as a model's output would.
 """
 
 from __future__ import annotations
@@ -17,27 +18,28 @@ import subprocess
 import sys
 
 CHILD = """
-import sys, time, torch, torch.nn.functional as F, fastkd
+import sys, torch, torch.nn.functional as F, fastkd
+from fastkd.bench.measure import PeakMemory, time_call
 mode, B, S, V = sys.argv[1], *map(int, sys.argv[2:5])
 torch.manual_seed(0)
 leaf = torch.randn(B, S, V, requires_grad=True)
 teacher = torch.randn(B, S, V)
 labels = torch.randint(0, V, (B, S))
 labels[:, : S // 8] = -100  # a prompt
-def hwm():
-    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 fastkd.kd_loss(leaf[:1, :8] * 1.0, teacher[:1, :8]).backward()  # imports, first-call setup
 leaf.grad = None
-open("/proc/self/clear_refs", "w").write("5")
-base, start = hwm(), time.perf_counter()
-logits = leaf * 1.0
-if mode == "slice":
-    loss = fastkd.kd_loss(logits[:, :-1], teacher[:, :-1], labels[:, 1:], temperature=2.0)
-else:
-    shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
-    loss = fastkd.kd_loss(logits, teacher, shifted, temperature=2.0)
-loss.backward()
-print(time.perf_counter() - start, (hwm() - base) * 1024, loss.item())
+def step():
+    logits = leaf * 1.0
+    if mode == "slice":
+        loss = fastkd.kd_loss(logits[:, :-1], teacher[:, :-1], labels[:, 1:], temperature=2.0)
+    else:
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100)
+        loss = fastkd.kd_loss(logits, teacher, shifted, temperature=2.0)
+    loss.backward()
+    return loss
+with PeakMemory("cpu") as peak:
+    ms, loss = time_call(step, "cpu")
+print(ms / 1e3, "nan" if peak.bytes is None else peak.bytes, loss.item())
 """
 
 

@@ -2,51 +2,22 @@
 with full logits and with ``fastkd.FusedLinearKDLoss``: the printout of
 ``hf_trainer_distill.py --fused-linear``.
 
-Measured as the peak above the memory held before the step (its inputs): the CUDA
-allocator's peak on a GPU; on CPU the process's peak resident set size, which Linux resets
-on request (``/proc/self/clear_refs``). The figures include the gradient of the student's
-LM-head weight (V x H), which every path allocates.
+Measured by ``fastkd.bench.measure.PeakMemory`` as the peak above the memory held before the
+step (its inputs): the CUDA allocator's peak on a GPU; on CPU the process's peak resident set
+size, which Linux resets on request (``/proc/self/clear_refs``). The figures include the
+gradient of the student's LM-head weight (V x H), which every path allocates. The plain
+formula is ``fastkd.bench.formulas``'s, the one every benchmark compares with.
 """
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Callable
-
 import torch
-import torch.nn.functional as F
 
 import fastkd
+from fastkd.bench.formulas import fused_linear_formula
+from fastkd.bench.measure import PeakMemory
 
 MiB = 2**20
-
-
-def _rss_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def peak_bytes(step: Callable[[], None], device: torch.device) -> int | None:
-    """Peak memory ``step()`` adds over what is held when it starts; None where unmeasurable."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before = _rss_bytes("VmRSS")
-        step()
-        return _rss_bytes("VmHWM") - before
-    except OSError:
-        return None
 
 
 def loss_head_steps(n_rows, student_hidden, teacher_hidden, vocab, temperature, device):
@@ -65,20 +36,12 @@ def loss_head_steps(n_rows, student_hidden, teacher_hidden, vocab, temperature, 
     options = dict(temperature=temperature, ce_weight=0.5, kd_weight=0.5)
 
     def plain():
-        s, t = h_s @ w_s.T, h_t @ w_t.T
-        kl = F.kl_div(
-            F.log_softmax(s / temperature, -1),
-            F.log_softmax(t / temperature, -1),
-            reduction="batchmean",
-            log_target=True,
-        )
-        loss = 0.5 * temperature**2 * kl + 0.5 * F.cross_entropy(s, labels)
-        loss.backward()
+        fused_linear_formula(h_s, w_s, h_t, w_t, labels, **options).backward()
 
     def logits_kdloss():
         fastkd.kd_loss(h_s @ w_s.T, h_t @ w_t.T, labels, **options).backward()
 
-    # Which kernel KDLoss runs here (on CPU the PyTorch reference, until a CPU kernel exists).
+    # Which kernel KDLoss runs here (the C++ kernel on CPU, Triton on CUDA when "auto").
     backend = fastkd._backends.resolve("auto", device, torch.float32)
     fused_loss = fastkd.FusedLinearKDLoss(**options)
 
@@ -113,8 +76,9 @@ def print_memory_report(
         for name, step in steps.items():
             for p in params:
                 p.grad = None
-            peak = peak_bytes(step, device)
-            results[vocab, name] = peak
-            shown = "unmeasured here" if peak is None else f"{peak / MiB:8.1f} MiB"
+            with PeakMemory(device) as peak:
+                step()
+            results[vocab, name] = peak.bytes
+            shown = "unmeasured here" if peak.bytes is None else f"{peak.bytes / MiB:8.1f} MiB"
             print(f"    {name:<40} {shown}")
     return results

@@ -11,6 +11,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 import fastkd
 
@@ -143,61 +144,66 @@ def _device(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _cases(args, device: str) -> list[Case]:
+# make_cases's options, named as the command line's: _cases passes them through.
+CASE_OPTIONS = (
+    "divergence", "tokens", "vocab", "dtype", "fused_linear", "hidden", "teacher_hidden",
+    "quick", "sweep", "temperature", "beta", "alpha",
+)  # fmt: skip
+
+
+def make_cases(
+    device: str,
+    divergence: list[str],
+    *,
+    tokens: list[int] | None = None,
+    vocab: list[int] | None = None,
+    dtype: list[str] | None = None,
+    fused_linear: bool = False,
+    hidden: int | None = None,
+    teacher_hidden: int | None = None,
+    quick: bool = False,
+    sweep: str = "grid",
+    **loss_options,
+) -> list[Case]:
+    """The cases of one run (also the pytest-benchmark suites'). Lists sweep; what is not
+    given takes the device's default (:data:`DEFAULTS`). ``loss_options``: temperature, beta,
+    alpha.
+
+    grid: every N with every V; star: every V at the first N, every N at the first V. Shapes
+    outermost: under --time-limit the first shape is measured for every divergence.
+    """
     defaults = dict(DEFAULTS[device])
-    if args.quick:
+    if quick:
         defaults.update(DEFAULTS["quick"])
-    tokens = args.tokens or defaults["tokens"]
-    vocab = args.vocab or defaults["vocab"]
-    dtypes = args.dtype or defaults["dtype"]
-    hidden = args.hidden or defaults["hidden"]
-    teacher_hidden = args.teacher_hidden or hidden
-    if args.sweep == "grid":
+    tokens = tokens or defaults["tokens"]
+    vocab = vocab or defaults["vocab"]
+    hidden = hidden or defaults["hidden"]
+    if sweep == "grid":
         shapes = list(itertools.product(tokens, vocab))
     else:
         shapes = [(tokens[0], v) for v in vocab] + [(n, vocab[0]) for n in tokens[1:]]
-    for name in args.divergence:
+    for name in divergence:
         if name not in fastkd.DIVERGENCES:
             raise SystemExit(
                 f"error: --divergence must name one of {sorted(fastkd.DIVERGENCES)}, got {name!r}"
             )
-    # Shapes outermost: under --time-limit the first shape is measured for every divergence.
+    sizes = dict(hidden=hidden, teacher_hidden=teacher_hidden or hidden) if fused_linear else {}
     return [
-        Case(
-            divergence=div,
-            tokens=n,
-            vocab=v,
-            dtype=dtype,
-            device=device,
-            temperature=args.temperature,
-            beta=args.beta,
-            alpha=args.alpha,
-            fused_linear=args.fused_linear,
-            hidden=hidden if args.fused_linear else 0,
-            teacher_hidden=teacher_hidden if args.fused_linear else 0,
-        )
+        Case(div, n, v, dt, device, fused_linear=fused_linear, **sizes, **loss_options)
         for n, v in shapes
-        for dtype in dtypes
-        for div in args.divergence
+        for dt in dtype or defaults["dtype"]
+        for div in divergence
     ]
+
+
+def _cases(args, device: str) -> list[Case]:
+    return make_cases(device, **{name: getattr(args, name) for name in CASE_OPTIONS})
 
 
 def _selected(cands, patterns):
     if not patterns:
         return cands
     return [c for c in cands if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]
-
-
-def _device_name(device: str) -> str:
-    if device == "cuda":
-        return f"cuda: {torch.cuda.get_device_name()}"
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    return f"cpu: {model} ({torch.get_num_threads()} threads)"
 
 
 def _versions() -> dict:
@@ -215,7 +221,7 @@ def _versions() -> dict:
 def _meta(args, device: str, argv: list[str], ceilings: harness.Ceilings) -> dict:
     meta = {
         "device": device,
-        "device_name": _device_name(device),
+        "device_name": measure.device_name(device),
         **_versions(),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -229,15 +235,6 @@ def _meta(args, device: str, argv: list[str], ceilings: harness.Ceilings) -> dic
         },
     }
     return meta
-
-
-def _progress_bar(total: int):
-    try:
-        from tqdm import tqdm
-    except ImportError:  # the bar is a nicety; the run does not need it
-        return None
-    # disable=None: shown on a terminal, silent in logs and pipes.
-    return tqdm(total=total, disable=None, unit="run", dynamic_ncols=True, file=sys.stderr)
 
 
 def _emit(args, meta: dict, results: list[harness.Result]) -> None:
@@ -300,49 +297,40 @@ def main(argv: list[str] | None = None) -> int:
         skipped = [c for c in cands if c.skip is not None]
         plans.append((case, chosen, skipped))
     total = sum(len([m for m in modes if m in c.modes]) for _, chosen, _ in plans for c in chosen)
-    bar = _progress_bar(total)
 
     results: list[harness.Result] = []
-    for case, chosen, skipped in plans:
-
-        def progress(label: str, case=case) -> None:
-            if bar is not None:
-                bar.set_description(f"N={case.tokens} V={case.vocab} {label}")
-                bar.update(0)
-
-        def advance(results_so_far=results) -> None:
-            if bar is not None:
-                bar.update(1)
-
-        case_results = harness.run_case(
-            case,
-            chosen,
-            skipped,
-            modes,
-            plan,
-            ceilings,
-            args.seed,
-            progress=_stepper(progress, advance),
-            deadline=deadline,
-        )
-        results += case_results
-    if bar is not None:
+    # disable=None: the bar is shown on a terminal, silent in logs and pipes.
+    with tqdm(total=total, disable=None, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+        step = _stepper(bar)
+        for case, chosen, skipped in plans:
+            results += harness.run_case(
+                case,
+                chosen,
+                skipped,
+                modes,
+                plan,
+                ceilings,
+                args.seed,
+                progress=lambda label, case=case: step(f"N={case.tokens} V={case.vocab} {label}"),
+                deadline=deadline,
+            )
         bar.update(bar.total - bar.n)
-        bar.close()
     harness.add_speedups(results)
     _emit(args, _meta(args, device, argv, ceilings), results)
     return 0
 
 
-def _stepper(describe, advance):
-    """Progress callback: each new label first advances past the previous pair."""
-    state = {"started": False}
+def _stepper(bar: tqdm):
+    """Progress callback: each new pair's label first advances the bar past the previous
+    pair (the last one is counted at the end of the run)."""
+    started = False
 
     def step(label: str) -> None:
-        if state["started"]:
-            advance()
-        state["started"] = True
-        describe(label)
+        nonlocal started
+        if started:
+            bar.update(1)
+        started = True
+        bar.set_description(label)
 
     return step
 

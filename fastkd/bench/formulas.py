@@ -1,10 +1,18 @@
-"""The baseline: the distillation loss as people write it in plain PyTorch.
+"""The baseline: the distillation loss as people write it in plain PyTorch, once.
 
-Where the ecosystem has a standard form we use it (``F.kl_div`` for the KLs, torch's
-cross-entropy with probability targets for ``soft_ce``, TRL's ``generalized_jsd_loss`` for
-``jsd``), on float32 log-probs: the logits are upcast first, so the baseline is as accurate
-as fastkd and pays the memory that accuracy costs when nothing is fused. The result matches
-fastkd's ``reduction="mean"`` on 2-D logits with no labels: a mean over the rows, times T^2.
+Every benchmark, example and memory test that compares fastkd with "the formula" calls this
+module. Where the ecosystem has a standard form it is used: the ``F.kl_div`` one-liner
+``F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1))`` for ``forward_kl``, ``F.kl_div``
+on log-probs for the other KLs, torch's cross-entropy with probability targets for
+``soft_ce``, TRL's ``generalized_jsd_loss`` for ``jsd``. The logits are upcast to float32
+first (a no-op on float32), so the baseline is as accurate as fastkd and pays the memory that
+accuracy costs when nothing is fused: every step below is a full N x V tensor.
+
+The number is fastkd's ``reduction="mean"`` on (N, V) logits: per row
+``kd_weight * T^2 * D + ce_weight * CE`` (T^2 only with ``scale_by_temperature_squared``),
+averaged over the rows, or with ``labels`` over the rows whose label is not
+``ignore_index`` (0 when there are none, as in fastkd). Without labels and with the default
+weights that is ``batchmean`` times T^2.
 """
 
 from __future__ import annotations
@@ -16,49 +24,72 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _log_probs(logits: Tensor, temperature: float) -> Tensor:
-    return F.log_softmax(logits.float() / temperature, dim=-1)
-
-
-def kd_formula(
-    student: Tensor,
-    teacher: Tensor,
-    *,
-    divergence: str,
-    temperature: float,
-    beta: float,
-    alpha: float,
+def divergence_rows(
+    student: Tensor, teacher: Tensor, divergence: str, temperature: float, beta: float, alpha: float
 ) -> Tensor:
-    """T^2 * D(softmax(t/T), softmax(s/T)) averaged over the N rows of (N, V) logits."""
+    """D(softmax(t/T), softmax(s/T)) of each row of (N, V) logits: shape (N,), float32."""
     T = temperature
-    log_q = _log_probs(student, T)
-    log_p = _log_probs(teacher.detach(), T)
-    n = student.shape[0]
-    if divergence == "forward_kl":
-        loss = F.kl_div(log_q, log_p, reduction="batchmean", log_target=True)
-    elif divergence == "reverse_kl":
-        loss = F.kl_div(log_p, log_q, reduction="batchmean", log_target=True)
-    elif divergence == "soft_ce":
-        loss = F.cross_entropy(student.float() / T, log_p.exp())
-    elif divergence == "jsd":
+    log_q = F.log_softmax(student.float() / T, dim=-1)
+    if divergence == "forward_kl":  # the one-liner fastkd's README starts from
+        return F.kl_div(log_q, F.softmax(teacher.float() / T, dim=-1), reduction="none").sum(-1)
+    log_p = F.log_softmax(teacher.float() / T, dim=-1)
+    if divergence == "reverse_kl":
+        return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)
+    if divergence == "soft_ce":
+        return F.cross_entropy(student.float() / T, log_p.exp(), reduction="none")
+    if divergence == "jsd":
         # TRL's generalized_jsd_loss, beta on the teacher: m = beta p + (1 - beta) q.
         log_m = torch.logsumexp(
             torch.stack([log_q + math.log1p(-beta), log_p + math.log(beta)]), dim=0
         )
         kl_teacher = F.kl_div(log_m, log_p, reduction="none", log_target=True)
         kl_student = F.kl_div(log_m, log_q, reduction="none", log_target=True)
-        loss = (beta * kl_teacher + (1 - beta) * kl_student).sum() / n
-    elif divergence == "skew_forward_kl":
+        return (beta * kl_teacher + (1 - beta) * kl_student).sum(-1)
+    if divergence == "skew_forward_kl":
         log_m = torch.logaddexp(log_p + math.log(alpha), log_q + math.log1p(-alpha))
-        loss = F.kl_div(log_m, log_p, reduction="batchmean", log_target=True)
-    elif divergence == "skew_reverse_kl":
+        return F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+    if divergence == "skew_reverse_kl":
         log_m = torch.logaddexp(log_q + math.log(alpha), log_p + math.log1p(-alpha))
-        loss = F.kl_div(log_m, log_q, reduction="batchmean", log_target=True)
-    elif divergence == "tvd":
-        loss = 0.5 * (log_p.exp() - log_q.exp()).abs().sum() / n
-    else:
-        raise ValueError(f"no plain-PyTorch formula for divergence {divergence!r}")
-    return loss * T**2
+        return F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+    if divergence == "tvd":
+        return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    raise ValueError(f"no plain-PyTorch formula for divergence {divergence!r}")
+
+
+def kd_formula(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    scale_by_temperature_squared: bool = True,
+    kd_weight: float = 1.0,
+    ce_weight: float = 0.0,
+    ignore_index: int = -100,
+) -> Tensor:
+    """fastkd.kd_loss(..., reduction="mean") on (N, V) logits, in plain PyTorch (see above).
+
+    The teacher gets no gradient. ``ce_weight`` needs ``labels``: the hard-label
+    cross-entropy of the student's logits at temperature 1.
+    """
+    rows = divergence_rows(student, teacher.detach(), divergence, temperature, beta, alpha)
+    scale = kd_weight * (temperature**2 if scale_by_temperature_squared else 1.0)
+    if labels is None:
+        if ce_weight:
+            raise ValueError("ce_weight needs labels")
+        return scale * rows.mean()
+    keep = labels.reshape(-1) != ignore_index
+    count = keep.sum().clamp_min(1)
+    loss = scale * torch.where(keep, rows, 0.0).sum() / count
+    if ce_weight:
+        ce = F.cross_entropy(
+            student.float(), labels.reshape(-1), ignore_index=ignore_index, reduction="sum"
+        )
+        loss = loss + ce_weight * ce / count
+    return loss
 
 
 def fused_linear_formula(
@@ -66,10 +97,11 @@ def fused_linear_formula(
     student_weight: Tensor,
     teacher_hidden: Tensor,
     teacher_weight: Tensor,
+    labels: Tensor | None = None,
     **options,
 ) -> Tensor:
     """The same loss on full logits: ``hidden @ weight.T`` for both models (N x V each)."""
     student = F.linear(student_hidden, student_weight)
     with torch.no_grad():
         teacher = F.linear(teacher_hidden, teacher_weight)
-    return kd_formula(student, teacher, **options)
+    return kd_formula(student, teacher, labels, **options)

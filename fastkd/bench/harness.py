@@ -101,20 +101,20 @@ class Ceilings:
     matmul_flops_per_s: dict[str, float] = field(default_factory=dict)
 
 
+# The fields a Result copies from its Case (hidden sizes only for fused linear).
+_CASE_FIELDS = ("divergence", "tokens", "vocab", "dtype", "device", "temperature", "fused_linear")
+
+
 def _result(case: Case, cand: Candidate, mode: str, status: str, **kw) -> Result:
+    sizes = {
+        k: getattr(case, k) if case.fused_linear else None for k in ("hidden", "teacher_hidden")
+    }
     return Result(
         implementation=cand.name,
         family=cand.family,
         mode=mode,
-        divergence=case.divergence,
-        tokens=case.tokens,
-        vocab=case.vocab,
-        dtype=case.dtype,
-        device=case.device,
-        temperature=case.temperature,
-        fused_linear=case.fused_linear,
-        hidden=case.hidden if case.fused_linear else None,
-        teacher_hidden=case.teacher_hidden if case.fused_linear else None,
+        **{k: getattr(case, k) for k in _CASE_FIELDS},
+        **sizes,
         status=status,
         note=cand.note,
         **kw,
@@ -279,11 +279,7 @@ def check(
     generator = torch.Generator(device=case.device)
     generator.manual_seed(seed)
     cases.fill_check_(inputs, generator, min(cases.CHECK_PERIOD, case.tokens))
-    measure.synchronize(case.device)
-    started = time.perf_counter()
-    loss, grads = call()
-    measure.synchronize(case.device)
-    first = (time.perf_counter() - started) * 1e3
+    first, (loss, grads) = measure.time_call(call, case.device)
     value = float(loss.detach())
     loss_err = abs(value - expected.loss) / max(abs(expected.loss), 1e-30)
     if not math.isfinite(value):

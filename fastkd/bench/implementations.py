@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import inspect
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +69,7 @@ def candidates(case: Case) -> list[Candidate]:
     """Every implementation, runnable or with the reason it is skipped, for one case."""
     out = _fastkd_candidates(case)
     out += [
-        Candidate("torch-eager", "torch", _eager),
+        Candidate("torch-eager", "torch", _formula),
         Candidate("torch-compile", "torch", _compiled, note="torch.compile defaults"),
     ]
     out += _liger_candidates(case)
@@ -152,28 +151,17 @@ def _fastkd_logits(backend: str, inplace: bool) -> Callable[[Case], LossFn]:
 
 
 def _fastkd_fused_candidates(case: Case, backends: list[str]) -> list[Candidate]:
-    cls = getattr(fastkd, "FusedLinearKDLoss", None)
-    if cls is None:
-        why = "not available: this fastkd has no FusedLinearKDLoss"
-        return [Candidate("fastkd", "fastkd", None, why)]
-    params = inspect.signature(cls).parameters
-    if "backend" not in params:
-        return [Candidate("fastkd", "fastkd", _fastkd_fused(cls, None))]
     out = []
     for backend in backends:
         skip, note = _backend_status(backend, case)
-        build = _fastkd_fused(cls, backend)
+        build = _fastkd_fused(backend)
         out.append(Candidate(f"fastkd-{backend}", "fastkd", build, skip, note))
     return out
 
 
-def _fastkd_fused(cls, backend: str | None) -> Callable[[Case], LossFn]:
+def _fastkd_fused(backend: str) -> Callable[[Case], LossFn]:
     def build(case: Case) -> LossFn:
-        params = inspect.signature(cls).parameters
-        options = {k: v for k, v in _options(case).items() if k in params}
-        if backend is not None:
-            options["backend"] = backend
-        module = cls(**options)
+        module = fastkd.FusedLinearKDLoss(backend=backend, **_options(case))
 
         def loss(student_hidden, student_weight, teacher_hidden, teacher_weight):
             return module(student_hidden, student_weight, teacher_hidden, teacher_weight)
@@ -194,10 +182,6 @@ def _formula(case: Case) -> LossFn:
         return base(*args, **options)
 
     return loss
-
-
-def _eager(case: Case) -> LossFn:
-    return _formula(case)
 
 
 # One compiled function per loss configuration, kept across shapes: torch.compile's default

@@ -1,18 +1,52 @@
-"""Clocks, peak memory and the device's own ceilings (copy bandwidth, matmul rate).
+"""The measurement toolkit: clocks, peak memory, the device's ceilings and its name.
 
-Timing: on CUDA, a pair of CUDA events around each call (so the per-call setup, such as
-refilling an input that an in-place kernel overwrote, stays outside); on the CPU,
-``time.perf_counter`` around each call in this process. Warm-up first, then as many timed
-calls as fit a time budget (within a min/max count); the caller takes the median.
+Everything in the repository that times a call or measures its memory takes it from here:
+``python -m fastkd.bench`` (harness.py), the scripts and suites in ``benchmarks/``,
+``examples/loss_head_memory.py`` and the memory test in ``tests/test_fused_linear.py``.
 
-Peak memory beyond the inputs, over one call with its outputs held:
-- CUDA: ``torch.cuda.max_memory_allocated`` minus the memory allocated before the call.
-- CPU: the process's peak resident set size minus its resident size before the call. The
-  peak (VmHWM) is reset before the call by writing 5 to /proc/self/clear_refs (Linux >= 4.0)
-  and freed heap memory is first handed back with malloc_trim, so the delta is what the call
-  touched. Tensors of more than a few MB are mmapped by glibc and unmapped when freed, so for
-  the sizes benchmarked this follows the tensors closely. Where /proc is not writable the
-  figure is reported as unavailable rather than guessed.
+Clocks
+------
+- :func:`time_call`: one call on the host clock (``time.perf_counter``), the device
+  synchronised before and after. The scripts' calls take milliseconds to seconds.
+- :func:`time_calls`: the harness's loop. On CUDA, a pair of CUDA events around each call
+  (host-side launch gaps between calls stay out); on the CPU, :func:`time_call`. Warm-up
+  first, then as many timed calls as fit a time budget (within a min/max count); each call's
+  time is returned and the caller takes the median and quartiles. An optional ``reset``
+  runs before each call, outside the clock.
+- :func:`median_ms`: ``torch.utils.benchmark.Timer.blocked_autorange``, for calls that need
+  nothing between them (the ceilings below), on either device (Timer's clock synchronises
+  the accelerator at the ends of each block).
+
+Why the per-call loops are not ``torch.utils.benchmark.Timer`` (CPU) or
+``triton.testing.do_bench`` (GPU):
+
+- The in-place variant (``inplace_backward=True``) writes its gradient over its input, so
+  every call needs fresh inputs, refilled outside the clock (an N x V random fill costs about
+  as much as the kernel). Timer times blocks of back-to-back calls of one statement, its
+  setup runs once per measurement, and ``Timer.timeit`` adds two untimed calls to each;
+  ``do_bench`` has no per-call setup at all (``grad_to_none`` only).
+- The peak memory is read around the first call of the same loop, with its setup outside.
+- ``benchmarks/cpu_kernel_vs_torch.py`` alternates its implementations call by call, so
+  that a shared machine's slow drift falls on all of them alike; both libraries time one
+  callable at a time.
+- ``do_bench`` needs Triton's GPU driver, which fastkd's CUDA kernel does not (and it clears
+  the L2 cache before each call, which the events loop does not: every row of one table is
+  timed the same way). The inputs here are far larger than the L2 cache anyway.
+
+Peak memory (:class:`PeakMemory`)
+---------------------------------
+Bytes at the peak between start and stop, beyond what was in use at start:
+
+- CUDA: ``torch.cuda.max_memory_allocated`` (reset at start) minus the memory allocated at
+  start.
+- CPU: the process's peak resident set size minus its resident size at start. The peak
+  (VmHWM) is reset at start by writing 5 to /proc/self/clear_refs (Linux >= 4.0), and freed
+  heap memory is first handed back with malloc_trim, so the delta is what the measured code
+  touched. Tensors of more than a few MB are mmapped by glibc and unmapped when freed, so
+  for the sizes benchmarked this follows the tensors closely. ``resource.getrusage``'s
+  ``ru_maxrss`` is not used: it cannot be reset, and a child process inherits its parent's
+  figure through fork and exec. Where /proc is not writable the figure is None (reported as
+  unavailable), never guessed.
 """
 
 from __future__ import annotations
@@ -21,12 +55,37 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.utils.benchmark
+
+Device = str | torch.device
+
+
+def _is_cuda(device: Device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def synchronize(device: Device) -> None:
+    if _is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+# --- clocks ------------------------------------------------------------------------------
+
+
+def time_call(call: Callable[[], object], device: Device) -> tuple[float, object]:
+    """(milliseconds, result) of one call: host clock, the device synchronised around it."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = call()
+    synchronize(device)
+    return (time.perf_counter() - start) * 1e3, out
 
 
 @dataclass(frozen=True)
@@ -48,11 +107,6 @@ def plan_for(device: str, quick: bool) -> TimingPlan:
     return TimingPlan(0.0, 0, 3.0, 3, 20)
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_calls(
     call: Callable[[], object],
     reset: Callable[[], None] | None,
@@ -72,17 +126,13 @@ def time_calls(
         if reset is not None:
             reset()
         tracker = PeakMemory(device) if track else None
-        synchronize(device)
-        start = time.perf_counter()
-        out = call()
-        synchronize(device)
-        elapsed = (time.perf_counter() - start) * 1e3
+        elapsed, out = time_call(call, device)
         if tracker is not None:
             peak = tracker.stop()
         del out
         return elapsed
 
-    if device != "cuda":
+    if not _is_cuda(device):
         times, started = [], time.perf_counter()
         while len(times) < plan.max_reps and (
             len(times) < plan.min_reps or time.perf_counter() - started < plan.budget_s
@@ -106,8 +156,17 @@ def time_calls(
         end.record()
         del out
         events.append((start, end))
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     return [start.elapsed_time(end) for start, end in events], peak
+
+
+def median_ms(fn: Callable[[], object], min_run_time: float) -> float:
+    """Median milliseconds per call of ``fn`` (no setup between calls), by
+    ``torch.utils.benchmark.Timer.blocked_autorange`` on this process's threads."""
+    timer = torch.utils.benchmark.Timer(
+        stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+    )
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 
 
 # --- peak memory ------------------------------------------------------------------------
@@ -121,6 +180,11 @@ def _proc_status_kib(field: str) -> int:
     raise OSError(f"{field} not in /proc/self/status")
 
 
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM, the peak RSS, becomes the current RSS
+
+
 def _malloc_trim() -> None:
     name = ctypes.util.find_library("c")
     if name:
@@ -130,8 +194,7 @@ def _malloc_trim() -> None:
 
 def cpu_peak_supported() -> bool:
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        _reset_peak_rss()
         _proc_status_kib("VmHWM")
         return True
     except OSError:
@@ -139,73 +202,82 @@ def cpu_peak_supported() -> bool:
 
 
 class PeakMemory:
-    """Bytes allocated at the peak between construction and :meth:`stop`, beyond what was
-    allocated at construction (None where the CPU figure can't be read)."""
+    """Bytes in use at the peak between construction and :meth:`stop`, beyond those in use
+    at construction (see the module's docstring). As a context manager it stops on exit::
 
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.before = None
+        with PeakMemory(device) as mem:
+            step()
+        mem.bytes  # the peak beyond the start; None where it can't be measured
+
+    ``before`` and ``peak`` are the absolute figures (RSS on the CPU, allocated on CUDA).
+    """
+
+    def __init__(self, device: Device) -> None:
+        self.device = torch.device(device)
+        self.before: int | None = None
+        self.peak: int | None = None
+        self.bytes: int | None = None
         gc.collect()
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.before = torch.cuda.memory_allocated()
-        elif cpu_peak_supported():
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.before = torch.cuda.memory_allocated(self.device)
+        elif self.device.type == "cpu" and cpu_peak_supported():
             _malloc_trim()
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            self.before = _proc_status_kib("VmRSS")
+            _reset_peak_rss()
+            self.before = _proc_status_kib("VmRSS") * 1024
 
     def stop(self) -> int | None:
         if self.before is None:
             return None
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() - self.before
-        return max(_proc_status_kib("VmHWM") - self.before, 0) * 1024
-
-
-# --- the device's ceilings ---------------------------------------------------------------
-
-
-def _median_ms(fn: Callable[[], object], device: str, reps: int) -> float:
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
-            start_s = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start_s) * 1e3)
-    return statistics.median(times)
+            self.peak = _proc_status_kib("VmHWM") * 1024
+        self.bytes = max(self.peak - self.before, 0)
+        return self.bytes
+
+    def __enter__(self) -> PeakMemory:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --- the device: its name and its ceilings -------------------------------------------------
+
+
+def device_name(device: Device) -> str:
+    """'cuda: <card>' or 'cpu: <model> (<n> threads)'."""
+    if _is_cuda(device):
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"cpu: {model} ({torch.get_num_threads()} threads)"
 
 
 def copy_bandwidth(device: str, quick: bool = False) -> float:
     """Bytes per second of a large device-to-device copy, counting bytes read plus written."""
-    if device == "cuda":
+    if _is_cuda(device):
         free, _ = torch.cuda.mem_get_info()
         nbytes = min(2 << 30, free // 8)
-        reps = 20
     else:
         nbytes = (32 << 20) if quick else (256 << 20)
-        reps = 5
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src), device, reps)
+    ms = median_ms(lambda: dst.copy_(src), 0.05 if quick else 0.3)
     return 2 * nbytes / (ms / 1e3)
 
 
 def matmul_rate(device: str, dtype: torch.dtype, quick: bool = False) -> float:
     """FLOP/s of a large square matrix product in the given dtype, on random data."""
-    n = 8192 if device == "cuda" else (256 if quick else 1536)
+    n = 8192 if _is_cuda(device) else (256 if quick else 1536)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    ms = _median_ms(lambda: a @ b, device, 10 if device == "cuda" else 3)
+    ms = median_ms(lambda: a @ b, 0.05 if quick else 0.3)
     return 2 * n**3 / (ms / 1e3)

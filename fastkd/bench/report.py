@@ -9,7 +9,6 @@ from .harness import Result
 
 SCHEMA = 1
 _CASE_FIELDS = ("divergence", "fused_linear", "tokens", "vocab", "hidden", "dtype", "temperature")
-_FAILED = ("wrong", "OOM", "error", "skipped")
 
 
 # --- number formats ---------------------------------------------------------------------
