@@ -80,12 +80,12 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
 
 
 def _check_inplace(student: Tensor, teacher: Tensor) -> None:
-    if student.is_leaf:
+    if (student._base if student._is_view() else student).is_leaf:
         raise ValueError(
             "inplace_backward=True would overwrite student_logits, a leaf tensor that requires "
-            "grad (an nn.Parameter, or a tensor made with requires_grad=True), with its "
-            "gradient: PyTorch refuses in-place operations on such leaves. Pass logits that a "
-            "model computed, or inplace_backward=False"
+            "grad (an nn.Parameter, a tensor made with requires_grad=True, or a view of one), "
+            "with its gradient: PyTorch refuses in-place operations on such leaves. Pass "
+            "logits that a model computed, or inplace_backward=False"
         )
     V = student.shape[-1]
     try:

@@ -346,7 +346,8 @@ def test_float16_gradient_under_a_loss_scale(target, reduction, inplace):
         opts["num_items_in_batch"] = 65536
     s64 = s.cpu().double().requires_grad_(True)  # before s may hold its gradient
     s.requires_grad_(True)
-    loss = fastkd.kd_loss(s, t, backend=backend, inplace_backward=inplace, **opts)
+    # s * 1: a model's logits are no leaf (inplace_backward refuses one); exact in float16.
+    loss = fastkd.kd_loss(s * 1, t, backend=backend, inplace_backward=inplace, **opts)
     (loss * 65536.0).backward()
     ref, _, _ = fastkd.kd_loss_reference(s64, t.cpu().double(), **opts)
     (ref * 65536.0).backward()
@@ -471,7 +472,7 @@ def test_second_backward_raises(target, inplace):
     gen = _generator("twice", inplace)
     s = make_logits((3, 11), torch.float32, device, gen).requires_grad_(True)
     t = make_logits((3, 11), torch.float32, device, gen)
-    loss = fastkd.kd_loss(s, t, backend=backend, inplace_backward=inplace)
+    loss = fastkd.kd_loss(s * 1.0, t, backend=backend, inplace_backward=inplace)
     (loss * 2).backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="a second backward through one KDLoss call"):
         loss.backward()

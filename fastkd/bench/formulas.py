@@ -22,6 +22,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import Unpack
+
+from .._config import KDConfig, KDOptions
 
 
 def divergence_rows(
@@ -62,21 +65,19 @@ def kd_formula(
     labels: Tensor | None = None,
     *,
     divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    scale_by_temperature_squared: bool = True,
-    kd_weight: float = 1.0,
-    ce_weight: float = 0.0,
-    ignore_index: int = -100,
+    **options: Unpack[KDOptions],
 ) -> Tensor:
     """fastkd.kd_loss(..., reduction="mean") on (N, V) logits, in plain PyTorch (see above).
 
-    The teacher gets no gradient. ``ce_weight`` needs ``labels``: the hard-label
-    cross-entropy of the student's logits at temperature 1.
+    The options are fastkd's (softcap, reduction and backend are not the formula's: left at
+    their defaults). The teacher gets no gradient. ``ce_weight`` needs ``labels``: the
+    hard-label cross-entropy of the student's logits at temperature 1.
     """
-    rows = divergence_rows(student, teacher.detach(), divergence, temperature, beta, alpha)
-    scale = kd_weight * (temperature**2 if scale_by_temperature_squared else 1.0)
+    config = KDConfig.from_options(divergence, **options)
+    T, w = config.temperature, config.mix_weight
+    rows = divergence_rows(student, teacher.detach(), divergence, T, w, w)
+    scale = config.kd_weight * config.t_squared
+    ce_weight, ignore_index = config.ce_weight, config.ignore_index
     if labels is None:
         if ce_weight:
             raise ValueError("ce_weight needs labels")

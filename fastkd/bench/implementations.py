@@ -136,11 +136,26 @@ def _fastkd_candidates(case: Case) -> list[Candidate]:
     return out
 
 
+class _AsModelOutput(torch.autograd.Function):
+    """The benchmark's student logits as a model's output (no leaf, which inplace_backward
+    refuses), sharing the leaf's memory: no copy enters the measurement."""
+
+    @staticmethod
+    def forward(ctx, logits):
+        return logits.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
 def _fastkd_logits(backend: str, inplace: bool) -> Callable[[Case], LossFn]:
     def build(case: Case) -> LossFn:
         options = _options(case)
 
         def loss(student, teacher):
+            if inplace and student.requires_grad:
+                student = _AsModelOutput.apply(student)
             return fastkd.kd_loss(
                 student, teacher, backend=backend, inplace_backward=inplace, **options
             )

@@ -15,7 +15,6 @@ Every sum, exp and log is float32; row offsets are int64.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import triton
@@ -82,8 +81,8 @@ def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, one_minus_w, log_w
     assembled in the kernel from q_above / q_below sums instead (see kd_row_kernel).
     a_minus_b = (a - max a) - (b - max b), the log-ratio less a constant, relative to the
     row's maxima so that no offset of the logits is carried into it.
-    w is beta (jsd) or alpha (skew KLs), with one_minus_w = 1 - w, log_w = log(w) and
-    log_1mw = log(1 - w) computed on the host in double precision.
+    w is beta (jsd) or alpha (skew KLs), one_minus_w = 1 - w (formed on the host in double
+    precision), log_w = log(w), log_1mw = log(1 - w).
     """
     p = tl.exp(log_p)
     q = tl.exp(log_q)
@@ -144,6 +143,23 @@ def _load_row_block(ptr, cols, n_cols, inv_t, softcap, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _block_terms(
+    DIV: tl.constexpr, SOFTCAP: tl.constexpr, s_row, t_row, cols, n_cols, inv_t, softcap, m_a,
+    m_b, log_z_a, log_z_b, w, one_minus_w,
+):  # fmt: skip
+    """A block of a row once its log-sum-exps are known: (soft-capped s, log q, and the
+    table's loss and q h terms)."""
+    s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+    _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+    log_q = (a - m_a) - log_z_a
+    log_p = (b - m_b) - log_z_b
+    a_minus_b = (a - m_a) - (b - m_b)
+    log_w, log_1mw = tl.log(w), tl.log(one_minus_w)  # one_minus_w is exact: no log1p needed
+    loss, qh = _pointwise(DIV, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw)
+    return s, log_q, loss, qh
+
+
+@triton.jit
 def _online_lse_step(m, z, x):
     """Folds a block into a running (max, sum of exp(x - max)); returns it and exp(x - max)."""
     m_new = tl.maximum(m, tl.max(x, axis=0))
@@ -170,8 +186,6 @@ def kd_row_kernel(
     softcap,
     w,
     one_minus_w,
-    log_w,
-    log_1mw,
     kd_grad_coef,
     ce_weight,
     ignore_index,
@@ -203,6 +217,14 @@ def kd_row_kernel(
         ignored = row < 0
     # An ignored row reads nothing: its loops run zero times and its outputs are 0.
     n_cols = tl.where(ignored, 0, V)
+
+    if HAS_CE:
+        # Read before any pass: the gradient pass may write over the student row, and a warp
+        # running ahead there must not change the label's logit under another's feet.
+        label_safe = tl.minimum(tl.maximum(label, 0), V - 1)
+        s_label = tl.load(s_row + label_safe).to(tl.float32)
+        if SOFTCAP:
+            s_label = softcap * _tanh(s_label / softcap)
 
     # Pass 1: log-sum-exps, and the cross term for the one-pass divergences.
     m_a = float("-inf")
@@ -269,14 +291,10 @@ def kd_row_kernel(
         q_below_acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
-            _, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-            _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-            log_p = (b - m_b) - log_z_b
-            log_q = (a - m_a) - log_z_a
-            a_minus_b = (a - m_a) - (b - m_b)
-            loss_terms, qh_terms = _pointwise(
-                DIV, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw
-            )
+            _, _, loss_terms, qh_terms = _block_terms(
+                DIV, SOFTCAP, s_row, t_row, cols, n_cols, inv_t, softcap, m_a, m_b, log_z_a,
+                log_z_b, w, one_minus_w,
+            )  # fmt: skip
             kd_acc += loss_terms
             qh_acc += qh_terms
             if DIV == "tvd":
@@ -290,10 +308,6 @@ def kd_row_kernel(
     if HAS_CE:
         m_s = _safe_shift(m_s)
         log_z_s = tl.log(z_s)
-        label_safe = tl.minimum(tl.maximum(label, 0), V - 1)
-        s_label = tl.load(s_row + label_safe).to(tl.float32)
-        if SOFTCAP:
-            s_label = softcap * _tanh(s_label / softcap)
         ce = (m_s - s_label) + log_z_s
         tl.store(ce_per_row_ptr + row, tl.where(ignored, 0.0, ce))
     tl.store(kd_per_row_ptr + row, tl.where(ignored, 0.0, kd + no_distribution))
@@ -304,12 +318,10 @@ def kd_row_kernel(
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, V, BLOCK):
             cols = start + offs
-            s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-            _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-            log_q = (a - m_a) - log_z_a
-            log_p = (b - m_b) - log_z_b
-            a_minus_b = (a - m_a) - (b - m_b)
-            _, qh = _pointwise(DIV, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw)
+            s, log_q, _, qh = _block_terms(
+                DIV, SOFTCAP, s_row, t_row, cols, n_cols, inv_t, softcap, m_a, m_b, log_z_a,
+                log_z_b, w, one_minus_w,
+            )  # fmt: skip
             q = tl.exp(log_q)
             if DIV == "tvd":
                 # q_j (g_j - S) = q_j * (sum of q where q < p) where q_j > p_j, and
@@ -392,8 +404,6 @@ def row_kernel(rows: RowArgs) -> RowLosses:
             config.softcap if config.softcap is not None else 1.0,
             w,
             1.0 - w,  # in double here: 1 - float32(w) loses 1 - w's digits as w nears 1
-            math.log(w),
-            math.log1p(-w),
             config.kd_grad_coef,
             config.ce_weight,
             config.ignore_index,
