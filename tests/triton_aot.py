@@ -20,7 +20,8 @@ ROW_KERNEL_ARGS = {
     "labels_ptr": "*i64", "grad_ptr": "*bf16", "grad_row_stride": "i64",
     "kd_per_row_ptr": "*fp32", "ce_per_row_ptr": "*fp32", "reduction_factor_ptr": "*fp32",
     "V": "i32",
-    "inv_t": "fp32", "softcap": "fp32", "w": "fp32", "one_minus_w": "fp32",
+    "inv_t": "fp32", "softcap": "fp32", "w": "fp32", "one_minus_w": "fp32", "log_w": "fp32",
+    "log_1mw": "fp32",
     "kd_grad_coef": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
 }  # fmt: skip
 SCALE_KERNEL_ARGS = {

@@ -15,6 +15,7 @@ Every sum, exp and log is float32; row offsets are int64.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import triton
@@ -81,8 +82,8 @@ def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, one_minus_w, log_w
     assembled in the kernel from q_above / q_below sums instead (see kd_row_kernel).
     a_minus_b = (a - max a) - (b - max b), the log-ratio less a constant, relative to the
     row's maxima so that no offset of the logits is carried into it.
-    w is beta (jsd) or alpha (skew KLs), one_minus_w = 1 - w (formed on the host in double
-    precision), log_w = log(w), log_1mw = log(1 - w).
+    w is beta (jsd) or alpha (skew KLs), with one_minus_w = 1 - w, log_w = log(w) and
+    log_1mw = log(1 - w) formed on the host in double precision.
     """
     p = tl.exp(log_p)
     q = tl.exp(log_q)
@@ -144,19 +145,19 @@ def _load_row_block(ptr, cols, n_cols, inv_t, softcap, SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _block_terms(
-    DIV: tl.constexpr, SOFTCAP: tl.constexpr, s_row, t_row, cols, n_cols, inv_t, softcap, m_a,
-    m_b, log_z_a, log_z_b, w, one_minus_w,
+    DIV: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, s_row, t_row, start, n_cols,
+    inv_t, softcap, m_a, m_b, log_z_a, log_z_b, w, one_minus_w, log_w, log_1mw,
 ):  # fmt: skip
-    """A block of a row once its log-sum-exps are known: (soft-capped s, log q, and the
-    table's loss and q h terms)."""
+    """The block of a row from ``start``, once the row's log-sum-exps are known: (columns,
+    soft-capped s, log q, and the table's loss and q h terms)."""
+    cols = start + tl.arange(0, BLOCK)
     s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
     _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
     log_q = (a - m_a) - log_z_a
     log_p = (b - m_b) - log_z_b
     a_minus_b = (a - m_a) - (b - m_b)
-    log_w, log_1mw = tl.log(w), tl.log(one_minus_w)  # one_minus_w is exact: no log1p needed
     loss, qh = _pointwise(DIV, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw)
-    return s, log_q, loss, qh
+    return cols, s, log_q, loss, qh
 
 
 @triton.jit
@@ -186,6 +187,8 @@ def kd_row_kernel(
     softcap,
     w,
     one_minus_w,
+    log_w,
+    log_1mw,
     kd_grad_coef,
     ce_weight,
     ignore_index,
@@ -290,10 +293,9 @@ def kd_row_kernel(
         q_above_acc = tl.zeros([BLOCK], dtype=tl.float32)
         q_below_acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
-            cols = start + offs
-            _, _, loss_terms, qh_terms = _block_terms(
-                DIV, SOFTCAP, s_row, t_row, cols, n_cols, inv_t, softcap, m_a, m_b, log_z_a,
-                log_z_b, w, one_minus_w,
+            _, _, _, loss_terms, qh_terms = _block_terms(
+                DIV, SOFTCAP, BLOCK, s_row, t_row, start, n_cols, inv_t, softcap, m_a, m_b,
+                log_z_a, log_z_b, w, one_minus_w, log_w, log_1mw,
             )  # fmt: skip
             kd_acc += loss_terms
             qh_acc += qh_terms
@@ -317,10 +319,9 @@ def kd_row_kernel(
         reduction_factor = tl.load(reduction_factor_ptr).to(tl.float32)
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, V, BLOCK):
-            cols = start + offs
-            s, log_q, _, qh = _block_terms(
-                DIV, SOFTCAP, s_row, t_row, cols, n_cols, inv_t, softcap, m_a, m_b, log_z_a,
-                log_z_b, w, one_minus_w,
+            cols, s, log_q, _, qh = _block_terms(
+                DIV, SOFTCAP, BLOCK, s_row, t_row, start, n_cols, inv_t, softcap, m_a, m_b,
+                log_z_a, log_z_b, w, one_minus_w, log_w, log_1mw,
             )  # fmt: skip
             q = tl.exp(log_q)
             if DIV == "tvd":
@@ -403,7 +404,11 @@ def row_kernel(rows: RowArgs) -> RowLosses:
             1.0 / config.temperature,
             config.softcap if config.softcap is not None else 1.0,
             w,
-            1.0 - w,  # in double here: 1 - float32(w) loses 1 - w's digits as w nears 1
+            # In double here: 1 - float32(w) loses 1 - w's digits as w nears 1, and so do
+            # the logs of float32 w and 1 - w.
+            1.0 - w,
+            math.log(w),
+            math.log1p(-w),
             config.kd_grad_coef,
             config.ce_weight,
             config.ignore_index,
