@@ -208,13 +208,14 @@ const float* float_row(const char* src, DType dtype, const KdRowsParams& p,
 }
 
 template <int DIV>
-void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels, float scale,
-            int64_t row, Scratch& sc, float* kd_out, float* ce_out) {
+void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels,
+            float reduction_factor, int64_t row, Scratch& sc, float* kd_per_row,
+            float* ce_per_row) {
   const int64_t V = p.V;
   char* g_row = p.compute_grad ? ptr.g + row * ptr.g_stride : nullptr;
   const int64_t label = p.has_labels ? labels[row] : -1;
   if (p.has_labels && label == p.ignore_index) {
-    kd_out[row] = 0.0f;  // ce_out is zero-initialised
+    kd_per_row[row] = 0.0f;  // ce_per_row is zero-initialised
     if (g_row) std::memset(g_row, 0, V * ptr.s_elem);
     return;
   }
@@ -326,14 +327,15 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
     q_below = hsum(acc_below);
   }
   const float no_distribution = nan_unless_distributions(lse_a.sum, lse_b.sum);
-  kd_out[row] = kd + no_distribution;
+  kd_per_row[row] = kd + no_distribution;
   const OnlineLse& lse_ce = ce_own ? lse_s : lse_a;  // softmax(s) at T = 1
-  if (p.has_ce) ce_out[row] = (lse_ce.m - s_label) + lse_ce.log_z;
+  if (p.has_ce) ce_per_row[row] = (lse_ce.m - s_label) + lse_ce.log_z;
   if (!g_row) return;
 
-  // The gradient: scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j - [j == y]))
-  // * cap'(s_j), written as it is made, chunk by chunk.
-  const Vec kd_coef(p.kd_grad_coef * scale + no_distribution), ce_coef(p.ce_weight * scale);
+  // The gradient: reduction_factor * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j
+  // - [j == y])) * cap'(s_j), written as it is made, chunk by chunk.
+  const Vec kd_coef(p.kd_grad_coef * reduction_factor + no_distribution);
+  const Vec ce_coef(p.ce_weight * reduction_factor);
   const Vec qh_sum_v(qh_sum);
   const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b);
   const bool direct = ptr.s_dtype == kF32;  // else via ea, then converted
@@ -404,7 +406,7 @@ void kd_rows_cpu(const KdRowsLaunch& args) {
   ptr.s_stride = args.s_stride * ptr.s_elem;
   ptr.t_stride = args.t_stride * ptr.t_elem;
   ptr.g_stride = args.g_stride * ptr.s_elem;
-  const float scale = *args.grad_scale;
+  const float reduction_factor = *args.reduction_factor;
 
   static constexpr auto table = row_table(std::make_integer_sequence<int, kNumDivergences>{});
   const RowFn fn = table[p.divergence];
@@ -413,14 +415,15 @@ void kd_rows_cpu(const KdRowsLaunch& args) {
   at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
     Scratch scratch(p.V);
     for (int64_t row = begin; row < end; ++row) {
-      fn(p, ptr, args.labels, scale, row, scratch, args.kd_out, args.ce_out);
+      fn(p, ptr, args.labels, reduction_factor, row, scratch, args.kd_per_row, args.ce_per_row);
     }
   });
 }
 
-// grad[row] *= factor[row * factor_stride], skipping rows whose factor is 1.
-void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* factor,
-                    int64_t factor_stride, int64_t n_rows, int64_t V) {
+// grad[row] *= grad_output[row * grad_output_stride] (the backward), skipping rows whose
+// grad_output is 1: the usual backward of a scalar loss then touches no memory.
+void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* grad_output,
+                    int64_t grad_output_stride, int64_t n_rows, int64_t V) {
   if (n_rows == 0) return;
   char* base = static_cast<char*>(grad);
   const int64_t elem = elem_size(dtype);
@@ -428,15 +431,15 @@ void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* factor
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::min(kChunk, V));
     for (int64_t row = begin; row < end; ++row) {
-      const float factor_row = factor[row * factor_stride];
-      if (factor_row == 1.0f) continue;
-      const Vec fv(factor_row);
+      const float go = grad_output[row * grad_output_stride];
+      if (go == 1.0f) continue;
+      const Vec go_v(go);
       char* g = base + row * stride * elem;
       for (int64_t lo = 0; lo < V; lo += kChunk) {
         const int64_t n = std::min(kChunk, V - lo);
         row_to_float(g + lo * elem, dtype, buf.data(), n);
         for_each_vec(n, [&](int64_t j, int64_t c) {
-          (Vec::loadu(buf.data() + j, c) * fv).store(buf.data() + j, c);
+          (Vec::loadu(buf.data() + j, c) * go_v).store(buf.data() + j, c);
         });
         row_from_float(buf.data(), dtype, g + lo * elem, n);
       }

@@ -10,7 +10,7 @@
 // Pass 1  log-sum-exps of a = s/T and b = t/T (and of s when CE is on and T != 1); for
 //         forward_kl, soft_ce and reverse_kl also the cross term, so the loss is known here.
 // Pass 2  (jsd, skew KLs, tvd) the loss terms and S = sum_k q_k h_k (kd_math.h:pointwise).
-// Grad    dL/ds_j = scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j -
+// Grad    dL/ds_j = reduction_factor * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j -
 //         [j == y])) * cap'(s_j). Each thread reads an entry before it writes it, and every
 //         earlier read of the row happens before the team synchronises, so the gradient may
 //         be written over the student row.
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kMaxTeam)
 
   const int64_t label = args.labels ? args.labels[row] : -1;
   if (args.labels && label == p.ignore_index) {
-    if (tid == 0) args.kd_out[row] = 0.0f;  // ce_out is zero-initialised
+    if (tid == 0) args.kd_per_row[row] = 0.0f;  // ce_per_row is zero-initialised
     if (g_row) {
       const float zero[1] = {0.0f};
       for (int64_t i = tid; i < V; i += team) store_f32<1>(g_row, s_dt, i, zero);
@@ -365,15 +365,15 @@ __global__ void __launch_bounds__(kMaxTeam)
   }
   const float no_distribution = nan_unless_distributions(sums[0], sums[1]);
   if (tid == 0) {
-    args.kd_out[row] = kd + no_distribution;
-    if (p.has_ce) args.ce_out[row] = (m_ce - s_label) + log_z_ce;
+    args.kd_per_row[row] = kd + no_distribution;
+    if (p.has_ce) args.ce_per_row[row] = (m_ce - s_label) + log_z_ce;
   }
   if (!g_row) return;
 
   team_sync();  // every read of the student row above is done before it may be overwritten
-  const float scale = *args.grad_scale;
-  const float kd_coef = p.kd_grad_coef * scale + no_distribution;
-  const float ce_coef = p.ce_weight * scale;
+  const float reduction_factor = *args.reduction_factor;
+  const float kd_coef = p.kd_grad_coef * reduction_factor + no_distribution;
+  const float ce_coef = p.ce_weight * reduction_factor;
   for_row([&](int64_t i, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
     float g[N];
@@ -400,16 +400,16 @@ __global__ void __launch_bounds__(kMaxTeam)
   });
 }
 
-__global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const float* factor,
-                                  int64_t factor_stride, int64_t V) {
+__global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const float* grad_output,
+                                  int64_t grad_output_stride, int64_t V) {
   const int64_t row = blockIdx.x;
-  const float f = factor[row * factor_stride];
-  if (f == 1.0f) return;  // the common backward (grad_output == 1) touches nothing
+  const float go = grad_output[row * grad_output_stride];
+  if (go == 1.0f) return;  // the common backward (grad_output == 1) touches nothing
   void* g = static_cast<char*>(grad) + row * stride * elem_size(dt);
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
     float x[1];
     load_f32<1>(g, dt, i, x);
-    x[0] *= f;
+    x[0] *= go;
     store_f32<1>(g, dt, i, x);
   }
 }
@@ -461,13 +461,13 @@ cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* factor,
-                              int64_t factor_stride, int64_t n_rows, int64_t V,
+cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* grad_output,
+                              int64_t grad_output_stride, int64_t n_rows, int64_t V,
                               cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  scale_rows_kernel<<<static_cast<unsigned>(n_rows), 256, 0, stream>>>(grad, dtype, stride, factor,
-                                                                       factor_stride, V);
+  scale_rows_kernel<<<static_cast<unsigned>(n_rows), 256, 0, stream>>>(
+      grad, dtype, stride, grad_output, grad_output_stride, V);
   return cudaGetLastError();
 }
 
