@@ -1,4 +1,6 @@
-// CUDA row kernel of KDLoss (design.md §3), with the divergence math of kd_math.h.
+// CUDA row kernel of KDLoss: design.md §3 (how the kernels work) on a GPU, with §2's
+// precision. The formulas of §1 and of the passes are kd_math.h's; this file walks the rows,
+// packs the loads and reduces across threads.
 //
 // A team of threads walks one row: a whole block (64..512 threads) when the row is long, or a
 // single warp, several rows to a block, when it is short. Each thread reads packs of 8
@@ -8,12 +10,13 @@
 // so is a whole row whose student, teacher and gradient rows cannot be aligned together.
 //
 // Pass 1  log-sum-exps of a = s/T and b = t/T (and of s when CE is on and T != 1); for
-//         forward_kl, soft_ce and reverse_kl also the cross term, so the loss is known here.
+//         forward_kl, soft_ce and reverse_kl also the cross term (kd_math.h:cross_term), so
+//         the loss is known here (loss_from_pass1).
 // Pass 2  (jsd, skew KLs, tvd) the loss terms and S = sum_k q_k h_k (kd_math.h:pointwise).
-// Grad    dL/ds_j = reduction_factor * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j -
-//         [j == y])) * cap'(s_j). Each thread reads an entry before it writes it, and every
-//         earlier read of the row happens before the team synchronises, so the gradient may
-//         be written over the student row.
+// Grad    dL/ds_j (kd_math.h:grad_entry), its terms recomputed from the inputs (nothing of
+//         the row is kept between passes). Each thread reads an entry before it writes it,
+//         and every earlier read of the row happens before the team synchronises, so the
+//         gradient may be written over the student row.
 //
 // One kernel per divergence; the input dtypes are kernel arguments, read by a branch that is
 // the same for every thread (nine dtype pairs as template arguments made the build 9x
@@ -187,20 +190,17 @@ struct OnlineLse {
   // Folds in N entries; returns the rescale of what was carried and writes exp(x - max).
   template <int N>
   __device__ __forceinline__ float step(const float (&x)[N], float (&e)[N]) {
-    float chunk_max = x[0];
+    float block_max = x[0];
 #pragma unroll
-    for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, x[k]);
-    const float new_max = fmaxf(max, chunk_max);
-    const float shift = safe_shift(new_max);
-    const float rescale = Ops<float>::exp(max - shift);  // 0 while max is -inf
-    sum *= rescale;
+    for (int k = 1; k < N; ++k) block_max = fmaxf(block_max, x[k]);
+    const LseStep st = lse_step(max, block_max);
+    sum *= st.rescale;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      e[k] = Ops<float>::exp(x[k] - shift);
+      e[k] = Ops<float>::exp(x[k] - st.shift);
       sum += e[k];
     }
-    max = new_max;
-    return rescale;
+    return st.rescale;
   }
 };
 
@@ -278,7 +278,7 @@ __global__ void __launch_bounds__(kMaxTeam)
 
   // Pass 1.
   OnlineLse lse_a, lse_b, lse_s;
-  float cross = 0.0f;
+  float cross = 0.0f;  // kd_math.h: cross_term
   for_row([&](int64_t, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
     float a[N], b[N], e_a[N], e_b[N];
@@ -296,105 +296,74 @@ __global__ void __launch_bounds__(kMaxTeam)
     if constexpr (one_pass_loss(DIV)) {
       float c = 0.0f;
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        if constexpr (DIV == FORWARD_KL) {
-          c += e_b[k] > 0.0f ? e_b[k] * (b[k] - a[k]) : 0.0f;
-        } else if constexpr (DIV == SOFT_CE) {
-          c -= e_b[k] > 0.0f ? e_b[k] * a[k] : 0.0f;
-        } else {
-          c += e_a[k] > 0.0f ? e_a[k] * (a[k] - b[k]) : 0.0f;
-        }
-      }
-      cross = cross * (DIV == REVERSE_KL ? rescale_a : rescale_b) + c;
+      for (int k = 0; k < N; ++k) c += cross_term<DIV>(a[k], b[k], e_a[k], e_b[k]);
+      cross = cross * cross_side<DIV>(rescale_a, rescale_b) + c;
     }
   });
   float maxima[3] = {lse_a.max, lse_b.max, lse_s.max};
   team_reduce(maxima, MaxOp{}, smem);
-  const float m_a = safe_shift(maxima[0]);
-  const float m_b = safe_shift(maxima[1]);
-  const float m_s = safe_shift(maxima[2]);
-  float sums[4] = {lse_a.sum * Ops<float>::exp(lse_a.max - m_a),
-                   lse_b.sum * Ops<float>::exp(lse_b.max - m_b),
-                   lse_s.sum * Ops<float>::exp(lse_s.max - m_s),
-                   cross * Ops<float>::exp(DIV == REVERSE_KL ? lse_a.max - m_a : lse_b.max - m_b)};
+  // Each thread's sums, moved to the team's maxima before they are added.
+  const auto to_team = [](const OnlineLse& lse, float team_max) {
+    return Ops<float>::exp(lse.max - safe_shift(team_max));
+  };
+  float sums[4] = {lse_a.sum * to_team(lse_a, maxima[0]), lse_b.sum * to_team(lse_b, maxima[1]),
+                   lse_s.sum * to_team(lse_s, maxima[2]),
+                   cross * cross_side<DIV>(to_team(lse_a, maxima[0]), to_team(lse_b, maxima[1]))};
   team_reduce(sums, SumOp{}, smem);
-  // log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
-  // would round it to the ulp of the logits' magnitude.
-  const float log_z_a = logf(sums[0]);
-  const float log_z_b = logf(sums[1]);
-  // softmax(s) at T = 1 for CE: the student's own when T == 1.
-  const float m_ce = ce_own ? m_s : m_a;
-  const float log_z_ce = ce_own ? logf(sums[2]) : log_z_a;
+  const RowLse row_a = row_lse(maxima[0], sums[0]);
+  const RowLse row_b = row_lse(maxima[1], sums[1]);
+  const RowLse row_ce = ce_own ? row_lse(maxima[2], sums[2]) : row_a;  // softmax(s) at T = 1
 
-  // The loss, and S = sum_k q_k h_k for the gradient (TVD: the sums of q where q > p, q < p).
-  float kd, qh_sum = 0.0f, q_above = 0.0f, q_below = 0.0f;
-  if constexpr (DIV == FORWARD_KL) {
-    kd = sums[3] / sums[1] + (m_a - m_b) + (log_z_a - log_z_b);
-    qh_sum = -1.0f;
-  } else if constexpr (DIV == SOFT_CE) {
-    kd = sums[3] / sums[1] + m_a + log_z_a;
-    qh_sum = -1.0f;
-  } else if constexpr (DIV == REVERSE_KL) {
-    qh_sum = sums[3] / sums[0];  // sum_k q_k (a_k - b_k), the h of pointwise
-    kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a);
+  // The §1 table at one entry, from the (soft-capped) logits: pass 2 and the gradient
+  // recompute it rather than keep anything of the row.
+  struct Entry {
+    Terms<float> terms;
+    float q;
+  };
+  const auto entry = [&](float s, float t) {
+    const float a = s * p.inv_t;
+    const float b = t * p.inv_t;
+    const float log_q = log_softmax(a, row_a);
+    const float log_p = log_softmax(b, row_b);
+    const float q = Ops<float>::exp(log_q);
+    return Entry{pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, a - b, p.mix), q};
+  };
+
+  RowSums row_sums;
+  if constexpr (one_pass_loss(DIV)) {
+    row_sums = loss_from_pass1<DIV>(sums[3], row_a, row_b);
   } else {
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // loss, qh, q above p, q below p
+    Pass2Sums<DIV, float> mine;
     for_row([&](int64_t, const auto& sv, const auto& tv) {
       constexpr int N = sizeof(sv) / sizeof(float);
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float a = sv[k] * p.inv_t;
-        const float b = tv[k] * p.inv_t;
-        const float log_q = (a - m_a) - log_z_a;
-        const float log_p = (b - m_b) - log_z_b;
-        const Terms<float> terms = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p),
-                                                  Ops<float>::exp(log_q), a - b, p.mix);
-        acc[0] += terms.loss;
-        acc[1] += terms.qh;
-        if constexpr (DIV == TVD) {
-          acc[2] += fmaxf(terms.qh, 0.0f);
-          acc[3] += fmaxf(-terms.qh, 0.0f);
-        }
-      }
+      for (int k = 0; k < N; ++k) mine.add(entry(sv[k], tv[k]).terms);
     });
+    float acc[4] = {mine.kd, mine.qh, mine.q_above, mine.q_below};
     team_reduce(acc, SumOp{}, smem);
-    kd = acc[0];
-    qh_sum = acc[1];
-    q_above = acc[2];
-    q_below = acc[3];
+    row_sums = {acc[0], acc[1], acc[2], acc[3]};
   }
-  const float no_distribution = nan_unless_distributions(sums[0], sums[1]);
+  const float no_distribution = nan_unless_distributions(row_a.z, row_b.z);
   if (tid == 0) {
-    args.kd_per_row[row] = kd + no_distribution;
-    if (p.has_ce) args.ce_per_row[row] = (m_ce - s_label) + log_z_ce;
+    args.kd_per_row[row] = row_sums.kd + no_distribution;
+    if (p.has_ce) args.ce_per_row[row] = ce_loss(row_ce, s_label);
   }
   if (!g_row) return;
 
   team_sync();  // every read of the student row above is done before it may be overwritten
-  const float reduction_factor = *args.reduction_factor;
-  const float kd_coef = p.kd_grad_coef * reduction_factor + no_distribution;
-  const float ce_coef = p.ce_weight * reduction_factor;
+  const RowGrad grad =
+      row_grad(row_sums, no_distribution, *args.reduction_factor, p.kd_grad_coef, p.ce_weight);
   for_row([&](int64_t i, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
     float g[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float a = sv[k] * p.inv_t;
-      const float b = tv[k] * p.inv_t;
-      const float log_q = (a - m_a) - log_z_a;
-      const float log_p = (b - m_b) - log_z_b;
-      const float q = Ops<float>::exp(log_q);
-      const float qh = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, a - b, p.mix).qh;
-      if constexpr (DIV == TVD) {
-        g[k] = kd_coef * tvd_grad(qh, q, q_above, q_below);
-      } else {
-        g[k] = kd_coef * (qh - q * qh_sum);
-      }
-      if (p.has_ce) {
-        const float sm = ce_own ? Ops<float>::exp((sv[k] - m_ce) - log_z_ce) : q;
-        g[k] += ce_coef * (sm - (i + k == label ? 1.0f : 0.0f));
-      }
-      if (p.has_softcap) g[k] *= softcap_grad(sv[k], p.inv_cap);
+      const Entry e = entry(sv[k], tv[k]);
+      const auto ce = [&] {
+        return CeEntry<float>{ce_own ? Ops<float>::exp(log_softmax(sv[k], row_ce)) : e.q,
+                              i + k == label ? 1.0f : 0.0f};
+      };
+      g[k] = grad_entry<DIV>(p, grad, e.terms.qh, e.q, ce, [&] { return sv[k]; });
     }
     store_f32<N>(g_row, s_dt, i, g);
   });
