@@ -26,8 +26,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "kd_cuda.h"
 #include "kd_math.h"
@@ -49,6 +51,55 @@ __device__ __forceinline__ bool aligned16(const void* ptr, DType dt, int64_t h) 
   return (reinterpret_cast<uintptr_t>(ptr) / elem + h) % (16 / elem) == 0;
 }
 
+// The conversions of the 16-bit dtypes (bfloat16, float16), overloaded on the type, so that
+// one template loads and stores both; a pack of two converts in one instruction.
+struct Conv16 {
+  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static float to_float(__half x) { return __half2float(x); }
+  __device__ static float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+  __device__ static float2 to_float2(__half2 x) { return __half22float2(x); }
+  __device__ static void round(float x, __nv_bfloat16& out) { out = __float2bfloat16_rn(x); }
+  __device__ static void round(float x, __half& out) { out = __float2half_rn(x); }
+  __device__ static void round2(float x, float y, __nv_bfloat162& out) {
+    out = __floats2bfloat162_rn(x, y);
+  }
+  __device__ static void round2(float x, float y, __half2& out) { out = __floats2half2_rn(x, y); }
+};
+template <class H>
+using Pair16 = std::conditional_t<std::is_same_v<H, __half>, __half2, __nv_bfloat162>;
+
+template <class H, int N>
+__device__ __forceinline__ void load_16bit(const void* row, int64_t i, float (&out)[N]) {
+  const H* p = static_cast<const H*>(row) + i;
+  if constexpr (N == 1) {
+    out[0] = Conv16::to_float(*p);
+  } else {
+    static_assert(N == 8, "a pack of 16-bit entries is one 16-byte load");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const auto* pairs = reinterpret_cast<const Pair16<H>*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = Conv16::to_float2(pairs[k]);
+      out[2 * k] = f.x;
+      out[2 * k + 1] = f.y;
+    }
+  }
+}
+
+template <class H, int N>
+__device__ __forceinline__ void store_16bit(void* row, int64_t i, const float (&in)[N]) {
+  H* p = static_cast<H*>(row) + i;
+  if constexpr (N == 1) {
+    Conv16::round(in[0], *p);
+  } else {
+    uint4 raw;
+    auto* pairs = reinterpret_cast<Pair16<H>*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) Conv16::round2(in[2 * k], in[2 * k + 1], pairs[k]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
 // N (1 or kPack) entries from i, as float32.
 template <int N>
 __device__ __forceinline__ void load_f32(const void* row, DType dt, int64_t i, float (&out)[N]) {
@@ -67,34 +118,9 @@ __device__ __forceinline__ void load_f32(const void* row, DType dt, int64_t i, f
       }
     }
   } else if (dt == kBF16) {
-    const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(row) + i;
-    if constexpr (N == 1) {
-      out[0] = __bfloat162float(*p);
-    } else {
-      static_assert(N == 8, "a pack of 16-bit entries is one 16-byte load");
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __bfloat1622float2(pairs[k]);
-        out[2 * k] = f.x;
-        out[2 * k + 1] = f.y;
-      }
-    }
+    load_16bit<__nv_bfloat16>(row, i, out);
   } else {
-    const __half* p = static_cast<const __half*>(row) + i;
-    if constexpr (N == 1) {
-      out[0] = __half2float(*p);
-    } else {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
-      const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __half22float2(pairs[k]);
-        out[2 * k] = f.x;
-        out[2 * k + 1] = f.y;
-      }
-    }
+    load_16bit<__half>(row, i, out);
   }
 }
 
@@ -113,27 +139,9 @@ __device__ __forceinline__ void store_f32(void* row, DType dt, int64_t i, const 
       }
     }
   } else if (dt == kBF16) {
-    __nv_bfloat16* p = static_cast<__nv_bfloat16*>(row) + i;
-    if constexpr (N == 1) {
-      *p = __float2bfloat16_rn(in[0]);
-    } else {
-      uint4 raw;
-      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) pairs[k] = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
-      *reinterpret_cast<uint4*>(p) = raw;
-    }
+    store_16bit<__nv_bfloat16>(row, i, in);
   } else {
-    __half* p = static_cast<__half*>(row) + i;
-    if constexpr (N == 1) {
-      *p = __float2half_rn(in[0]);
-    } else {
-      uint4 raw;
-      __half2* pairs = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) pairs[k] = __floats2half2_rn(in[2 * k], in[2 * k + 1]);
-      *reinterpret_cast<uint4*>(p) = raw;
-    }
+    store_16bit<__half>(row, i, in);
   }
 }
 
@@ -383,6 +391,14 @@ __global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const fl
   }
 }
 
+using KernelFn = void (*)(const KdRowsLaunch);
+
+// kd_rows_kernel<DIV> for every divergence code, indexed by it.
+template <int... DIVS>
+constexpr std::array<KernelFn, sizeof...(DIVS)> kernel_table(std::integer_sequence<int, DIVS...>) {
+  return {&kd_rows_kernel<DIVS>...};
+}
+
 // Threads per row: enough for about four packs each, from one warp up to kMaxTeam.
 int team_size(int64_t V) {
   const int64_t packs = (V + kPack - 1) / kPack;
@@ -402,31 +418,9 @@ cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream) {
   if (n_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(n_blocks));
   const dim3 block(team, rows_per_block);
-  switch (p.divergence) {
-    case FORWARD_KL:
-      kd_rows_kernel<FORWARD_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case SOFT_CE:
-      kd_rows_kernel<SOFT_CE><<<grid, block, 0, stream>>>(args);
-      break;
-    case REVERSE_KL:
-      kd_rows_kernel<REVERSE_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case JSD:
-      kd_rows_kernel<JSD><<<grid, block, 0, stream>>>(args);
-      break;
-    case SKEW_FORWARD_KL:
-      kd_rows_kernel<SKEW_FORWARD_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case SKEW_REVERSE_KL:
-      kd_rows_kernel<SKEW_REVERSE_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case TVD:
-      kd_rows_kernel<TVD><<<grid, block, 0, stream>>>(args);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  if (p.divergence < 0 || p.divergence >= kNumDivergences) return cudaErrorInvalidValue;
+  static constexpr auto table = kernel_table(std::make_integer_sequence<int, kNumDivergences>{});
+  table[p.divergence]<<<grid, block, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
