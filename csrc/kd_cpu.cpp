@@ -1,5 +1,7 @@
-// CPU row kernel of KDLoss (design.md §3): rows in parallel (at::parallel_for), float32
-// at::vec::Vectorized arithmetic over the vocabulary, the divergence math of kd_math.h.
+// CPU row kernel of KDLoss: design.md §3 (how the kernels work) on CPU threads, with §2's
+// precision. The formulas of §1 and of the passes are kd_math.h's; this file walks the rows
+// in float32 at::vec::Vectorized arithmetic (rows in parallel, at::parallel_for) and keeps
+// the exponentials of pass 1 for the later passes.
 //
 // setup.py compiles this file once per instruction set (AVX512, AVX2 on x86-64; the baseline
 // elsewhere) into its own module fastkd._C_cpu_<isa>, because at::vec picks its vector width
@@ -12,11 +14,12 @@
 //   pass 1  online softmax over chunks of kChunk entries: the chunk's maximum updates the
 //           running maximum once, then e = exp(x - max) is summed and kept in scratch with
 //           the chunk's shift, for a = s/T, b = t/T (and s at T = 1 when CE is on and T != 1).
-//           forward_kl, soft_ce and reverse_kl carry their cross term: the loss is known here.
+//           forward_kl, soft_ce and reverse_kl carry their cross term (kd_math.h:cross_term):
+//           the loss is known here (loss_from_pass1).
 //   pass 2  (jsd, skew KLs, tvd only) the loss terms and S = sum_k q_k h_k (kd_math.h:
 //           pointwise); q_k h_k is kept.
-//   grad    dL/ds_j from the kept exponentials: q_j = e_j * exp(shift - m - log z), no exp
-//           per entry.
+//   grad    dL/ds_j (kd_math.h:grad_entry) from the kept exponentials: q_j = e_j *
+//           exp(shift - m - log z), no exp per entry.
 // So forward_kl costs two exps per entry and jsd three (and a log1p series), against four
 // and eight in the recomputing GPU plan; the price is a few V-long float rows per thread.
 #include <Python.h>
@@ -139,39 +142,29 @@ void row_from_float(const float* src, DType dtype, void* dst, int64_t n) {
 
 int64_t elem_size(DType dtype) { return dtype == kF32 ? 4 : 2; }
 
-// A row's running log-sum-exp (design.md §3): max and sum of exp(x - max), and the shift
-// each chunk's kept exponentials were taken against. Rows reuse it (no allocation per row).
+// A row's running log-sum-exp (design.md §3) and the shift each chunk's kept exponentials
+// were taken against. Rows reuse it (no allocation per row).
 struct OnlineLse {
   float max = kNegInf;
   float sum = 0.0f;
   std::vector<float> shifts;
-  float m = 0.0f;      // after finish(): the (safe) maximum
-  float log_z = 0.0f;  // after finish(): log of the sum against it
+  RowLse row{};  // after finish()
 
   void reset() {
     max = kNegInf;
     sum = 0.0f;
     shifts.clear();
   }
-  // Folds in a chunk whose maximum is chunk_max; returns (shift for the chunk, rescale of the
-  // sums carried so far).
-  std::pair<float, float> step(float chunk_max) {
-    const float new_max = std::max(max, chunk_max);
-    const float shift = safe_shift(new_max);
-    const float rescale = std::exp(max - shift);  // 0 while max is -inf
-    sum *= rescale;
-    max = new_max;
-    shifts.push_back(shift);
-    return {shift, rescale};
+  LseStep step(float chunk_max) {
+    const LseStep st = lse_step(max, chunk_max);
+    sum *= st.rescale;
+    shifts.push_back(st.shift);
+    return st;
   }
-  // log q = (x - m) - log z, as torch's log_softmax: folding m + log z into one lse would
-  // round it to the ulp of the logits' magnitude.
-  void finish() {
-    m = safe_shift(max);
-    log_z = std::log(sum);
-  }
-  // exp((shift_c - m) - log z): turns chunk c's kept exponentials into probabilities.
-  float to_prob(int64_t c) const { return std::exp((shifts[c] - m) - log_z); }
+  void finish() { row = row_lse(max, sum); }
+  // Chunk c's kept exponentials exp(x - shift_c), times this, are the probabilities: no exp
+  // per entry after pass 1.
+  float to_prob(int64_t c) const { return Ops<float>::exp(log_softmax(shifts[c], row)); }
 };
 
 // One thread's scratch rows, V floats each, and its running log-sum-exps.
@@ -208,13 +201,14 @@ const float* float_row(const char* src, DType dtype, const KdRowsParams& p,
 }
 
 template <int DIV>
-void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels, float scale,
-            int64_t row, Scratch& sc, float* kd_out, float* ce_out) {
+void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels,
+            float reduction_factor, int64_t row, Scratch& sc, float* kd_per_row,
+            float* ce_per_row) {
   const int64_t V = p.V;
   char* g_row = p.compute_grad ? ptr.g + row * ptr.g_stride : nullptr;
   const int64_t label = p.has_labels ? labels[row] : -1;
   if (p.has_labels && label == p.ignore_index) {
-    kd_out[row] = 0.0f;  // ce_out is zero-initialised
+    kd_per_row[row] = 0.0f;  // ce_per_row is zero-initialised
     if (g_row) std::memset(g_row, 0, V * ptr.s_elem);
     return;
   }
@@ -234,15 +228,15 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
   lse_a.reset();
   lse_b.reset();
   lse_s.reset();
-  float cross = 0.0f;  // sum e_b (b - a), -sum e_b a or sum e_a (a - b), see design.md §3
+  float cross = 0.0f;  // kd_math.h: cross_term
   for (int64_t lo = 0; lo < V; lo += kChunk) {
     const int64_t n = std::min(kChunk, V - lo);
     const float s_max = max_of(s + lo, n);
-    const auto [shift_a, rescale_a] = lse_a.step(s_max * p.inv_t);
-    const auto [shift_b, rescale_b] = lse_b.step(max_of(t + lo, n) * p.inv_t);
-    const float shift_s = ce_own ? lse_s.step(s_max).first : 0.0f;
-    cross *= DIV == REVERSE_KL ? rescale_a : rescale_b;
-    const Vec sh_a(shift_a), sh_b(shift_b), sh_s(shift_s), zero(0.0f);
+    const LseStep step_a = lse_a.step(s_max * p.inv_t);
+    const LseStep step_b = lse_b.step(max_of(t + lo, n) * p.inv_t);
+    const float shift_s = ce_own ? lse_s.step(s_max).shift : 0.0f;
+    cross *= cross_side<DIV>(step_a.rescale, step_b.rescale);
+    const Vec sh_a(step_a.shift), sh_b(step_b.shift), sh_s(shift_s);
     Vec sum_a(0.0f), sum_b(0.0f), sum_s(0.0f), acc_cross(0.0f);
     float* ea = sc.ea.data() + lo;
     float* eb = sc.eb.data() + lo;
@@ -260,13 +254,7 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
       e_b.store(eb + j, cnt);
       sum_a += e_a;
       sum_b += e_b;
-      if constexpr (DIV == FORWARD_KL) {
-        acc_cross += Vec::blendv(zero, e_b * (b - a), e_b > zero);
-      } else if constexpr (DIV == SOFT_CE) {
-        acc_cross -= Vec::blendv(zero, e_b * a, e_b > zero);
-      } else if constexpr (DIV == REVERSE_KL) {
-        acc_cross += Vec::blendv(zero, e_a * (a - b), e_a > zero);
-      }
+      if constexpr (one_pass_loss(DIV)) acc_cross += cross_term<DIV>(a, b, e_a, e_b);
       if (ce_own) {
         const Vec e_s = Ops<Vec>::exp(sv - sh_s);
         e_s.store(sc.es.data() + lo + j, cnt);
@@ -281,23 +269,15 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
   lse_a.finish();
   lse_b.finish();
   if (ce_own) lse_s.finish();
-  const float m_a = lse_a.m, m_b = lse_b.m, log_z_a = lse_a.log_z, log_z_b = lse_b.log_z;
+  const RowLse& row_a = lse_a.row;
+  const RowLse& row_b = lse_b.row;
 
-  // The loss, and S = sum_k q_k h_k for the gradient (TVD: the sums of q where q > p, q < p).
-  float kd, qh_sum = 0.0f, q_above = 0.0f, q_below = 0.0f;
-  if constexpr (DIV == FORWARD_KL) {
-    kd = cross / lse_b.sum + (m_a - m_b) + (log_z_a - log_z_b);
-    qh_sum = -1.0f;
-  } else if constexpr (DIV == SOFT_CE) {
-    kd = cross / lse_b.sum + m_a + log_z_a;
-    qh_sum = -1.0f;
-  } else if constexpr (DIV == REVERSE_KL) {
-    qh_sum = cross / lse_a.sum;  // sum_k q_k (a_k - b_k), the h of pointwise
-    kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a);
+  RowSums sums;
+  if constexpr (one_pass_loss(DIV)) {
+    sums = loss_from_pass1<DIV>(cross, row_a, row_b);
   } else {
     // Pass 2: the loss terms and q_k h_k, kept in eb for the gradient pass.
-    Vec acc_kd(0.0f), acc_qh(0.0f), acc_above(0.0f), acc_below(0.0f);
-    const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b), zero(0.0f);
+    Pass2Sums<DIV, Vec> acc;
     for (int64_t lo = 0, c = 0; lo < V; lo += kChunk, ++c) {
       const int64_t n = std::min(kChunk, V - lo);
       const Vec to_q(lse_a.to_prob(c)), to_p(lse_b.to_prob(c));
@@ -309,33 +289,22 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
         const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
         const Vec q = load(ea + j, cnt, 0.0f) * to_q;
         const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
-        const Terms<Vec> terms = pointwise<DIV>((b - m_bv) - log_z_bv, (a - m_av) - log_z_av,
-                                                pr, q, a - b, p.mix);
-        acc_kd += terms.loss;
-        acc_qh += terms.qh;
-        if constexpr (DIV == TVD) {
-          acc_above += at::vec::maximum(terms.qh, zero);
-          acc_below += at::vec::maximum(zero - terms.qh, zero);
-        }
+        const Terms<Vec> terms =
+            pointwise<DIV>(log_softmax(b, row_b), log_softmax(a, row_a), pr, q, a - b, p.mix);
+        acc.add(terms);
         terms.qh.store(eb + j, cnt);
       });
     }
-    kd = hsum(acc_kd);
-    qh_sum = hsum(acc_qh);
-    q_above = hsum(acc_above);
-    q_below = hsum(acc_below);
+    sums = {hsum(acc.kd), hsum(acc.qh), hsum(acc.q_above), hsum(acc.q_below)};
   }
-  const float no_distribution = nan_unless_distributions(lse_a.sum, lse_b.sum);
-  kd_out[row] = kd + no_distribution;
-  const OnlineLse& lse_ce = ce_own ? lse_s : lse_a;  // softmax(s) at T = 1
-  if (p.has_ce) ce_out[row] = (lse_ce.m - s_label) + lse_ce.log_z;
+  const float no_distribution = nan_unless_distributions(row_a.z, row_b.z);
+  kd_per_row[row] = sums.kd + no_distribution;
+  if (p.has_ce) ce_per_row[row] = ce_loss(ce_own ? lse_s.row : row_a, s_label);
   if (!g_row) return;
 
-  // The gradient: scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j - [j == y]))
-  // * cap'(s_j), written as it is made, chunk by chunk.
-  const Vec kd_coef(p.kd_grad_coef * scale + no_distribution), ce_coef(p.ce_weight * scale);
-  const Vec qh_sum_v(qh_sum);
-  const Vec m_av(m_a), m_bv(m_b), log_z_av(log_z_a), log_z_bv(log_z_b);
+  // The gradient, written as it is made, chunk by chunk.
+  const RowGrad grad =
+      row_grad(sums, no_distribution, reduction_factor, p.kd_grad_coef, p.ce_weight);
   const bool direct = ptr.s_dtype == kF32;  // else via ea, then converted
   const Vec iota = [] {
     alignas(64) float idx[kVec];
@@ -358,25 +327,20 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
         const Vec a = load(s + lo + j, cnt, kNegInf) * inv_t;
         const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
         const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
-        qh = pointwise<DIV>((b - m_bv) - log_z_bv, (a - m_av) - log_z_av, pr, q, a - b, p.mix)
+        qh = pointwise<DIV>(log_softmax(b, row_b), log_softmax(a, row_a), pr, q, a - b, p.mix)
                  .qh;
       } else {
         qh = load(eb + j, cnt, 0.0f);
       }
-      Vec g;
-      if constexpr (DIV == TVD) {
-        g = kd_coef * tvd_grad(qh, q, q_above, q_below);
-      } else {
-        g = kd_coef * (qh - q * qh_sum_v);
-      }
-      if (p.has_ce) {
-        const Vec sm = ce_own ? load(sc.es.data() + lo + j, cnt, 0.0f) * to_sm : q;
-        const Vec onehot = Vec::blendv(Vec(0.0f), Vec(1.0f),
-                                       (iota + Vec(static_cast<float>(lo + j))) == label_v);
-        g += ce_coef * (sm - onehot);
-      }
-      if (p.has_softcap) g *= softcap_grad(load(s + lo + j, cnt, 0.0f), p.inv_cap);
-      g.store(out + j, cnt);
+      const auto ce = [&] {
+        // A named local (not a member initialiser): GCC then versions the loop on ce_own
+        // and contracts its multiply-adds as grad_entry's comment says.
+        const Vec softmax = ce_own ? load(sc.es.data() + lo + j, cnt, 0.0f) * to_sm : q;
+        const Vec index = iota + Vec(static_cast<float>(lo + j));
+        return CeEntry<Vec>{softmax, Vec::blendv(Vec(0.0f), Vec(1.0f), index == label_v)};
+      };
+      const auto s_capped = [&] { return load(s + lo + j, cnt, 0.0f); };
+      grad_entry<DIV>(p, grad, qh, q, ce, s_capped).store(out + j, cnt);
     });
     if (!direct) row_from_float(ea, ptr.s_dtype, g_row + lo * ptr.s_elem, n);
   }
@@ -404,7 +368,7 @@ void kd_rows_cpu(const KdRowsLaunch& args) {
   ptr.s_stride = args.s_stride * ptr.s_elem;
   ptr.t_stride = args.t_stride * ptr.t_elem;
   ptr.g_stride = args.g_stride * ptr.s_elem;
-  const float scale = *args.grad_scale;
+  const float reduction_factor = *args.reduction_factor;
 
   static constexpr auto table = row_table(std::make_integer_sequence<int, kNumDivergences>{});
   const RowFn fn = table[p.divergence];
@@ -413,14 +377,15 @@ void kd_rows_cpu(const KdRowsLaunch& args) {
   at::parallel_for(0, p.n_rows, grain, [&](int64_t begin, int64_t end) {
     Scratch scratch(p.V);
     for (int64_t row = begin; row < end; ++row) {
-      fn(p, ptr, args.labels, scale, row, scratch, args.kd_out, args.ce_out);
+      fn(p, ptr, args.labels, reduction_factor, row, scratch, args.kd_per_row, args.ce_per_row);
     }
   });
 }
 
-// grad[row] *= factor[row * factor_stride], skipping rows whose factor is 1.
-void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* factor,
-                    int64_t factor_stride, int64_t n_rows, int64_t V) {
+// grad[row] *= grad_output[row * grad_output_stride] (the backward), skipping rows whose
+// grad_output is 1: the usual backward of a scalar loss then touches no memory.
+void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* grad_output,
+                    int64_t grad_output_stride, int64_t n_rows, int64_t V) {
   if (n_rows == 0) return;
   char* base = static_cast<char*>(grad);
   const int64_t elem = elem_size(dtype);
@@ -428,15 +393,15 @@ void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* factor
   at::parallel_for(0, n_rows, grain, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::min(kChunk, V));
     for (int64_t row = begin; row < end; ++row) {
-      const float factor_row = factor[row * factor_stride];
-      if (factor_row == 1.0f) continue;
-      const Vec fv(factor_row);
+      const float go = grad_output[row * grad_output_stride];
+      if (go == 1.0f) continue;
+      const Vec go_v(go);
       char* g = base + row * stride * elem;
       for (int64_t lo = 0; lo < V; lo += kChunk) {
         const int64_t n = std::min(kChunk, V - lo);
         row_to_float(g + lo * elem, dtype, buf.data(), n);
         for_each_vec(n, [&](int64_t j, int64_t c) {
-          (Vec::loadu(buf.data() + j, c) * fv).store(buf.data() + j, c);
+          (Vec::loadu(buf.data() + j, c) * go_v).store(buf.data() + j, c);
         });
         row_from_float(buf.data(), dtype, g + lo * elem, n);
       }

@@ -1,4 +1,6 @@
-// CUDA row kernel of KDLoss (design.md §3), with the divergence math of kd_math.h.
+// CUDA row kernel of KDLoss: design.md §3 (how the kernels work) on a GPU, with §2's
+// precision. The formulas of §1 and of the passes are kd_math.h's; this file walks the rows,
+// packs the loads and reduces across threads.
 //
 // A team of threads walks one row: a whole block (64..512 threads) when the row is long, or a
 // single warp, several rows to a block, when it is short. Each thread reads packs of 8
@@ -8,12 +10,13 @@
 // so is a whole row whose student, teacher and gradient rows cannot be aligned together.
 //
 // Pass 1  log-sum-exps of a = s/T and b = t/T (and of s when CE is on and T != 1); for
-//         forward_kl, soft_ce and reverse_kl also the cross term, so the loss is known here.
+//         forward_kl, soft_ce and reverse_kl also the cross term (kd_math.h:cross_term), so
+//         the loss is known here (loss_from_pass1).
 // Pass 2  (jsd, skew KLs, tvd) the loss terms and S = sum_k q_k h_k (kd_math.h:pointwise).
-// Grad    dL/ds_j = scale * (kd_grad_coef * q_j (h_j - S) + ce_weight (softmax(s)_j -
-//         [j == y])) * cap'(s_j). Each thread reads an entry before it writes it, and every
-//         earlier read of the row happens before the team synchronises, so the gradient may
-//         be written over the student row.
+// Grad    dL/ds_j (kd_math.h:grad_entry), its terms recomputed from the inputs (nothing of
+//         the row is kept between passes). Each thread reads an entry before it writes it,
+//         and every earlier read of the row happens before the team synchronises, so the
+//         gradient may be written over the student row.
 //
 // One kernel per divergence; the input dtypes are kernel arguments, read by a branch that is
 // the same for every thread (nine dtype pairs as template arguments made the build 9x
@@ -23,8 +26,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <array>
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "kd_cuda.h"
 #include "kd_math.h"
@@ -46,6 +51,55 @@ __device__ __forceinline__ bool aligned16(const void* ptr, DType dt, int64_t h) 
   return (reinterpret_cast<uintptr_t>(ptr) / elem + h) % (16 / elem) == 0;
 }
 
+// The conversions of the 16-bit dtypes (bfloat16, float16), overloaded on the type, so that
+// one template loads and stores both; a pack of two converts in one instruction.
+struct Conv16 {
+  __device__ static float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+  __device__ static float to_float(__half x) { return __half2float(x); }
+  __device__ static float2 to_float2(__nv_bfloat162 x) { return __bfloat1622float2(x); }
+  __device__ static float2 to_float2(__half2 x) { return __half22float2(x); }
+  __device__ static void round(float x, __nv_bfloat16& out) { out = __float2bfloat16_rn(x); }
+  __device__ static void round(float x, __half& out) { out = __float2half_rn(x); }
+  __device__ static void round2(float x, float y, __nv_bfloat162& out) {
+    out = __floats2bfloat162_rn(x, y);
+  }
+  __device__ static void round2(float x, float y, __half2& out) { out = __floats2half2_rn(x, y); }
+};
+template <class H>
+using Pair16 = std::conditional_t<std::is_same_v<H, __half>, __half2, __nv_bfloat162>;
+
+template <class H, int N>
+__device__ __forceinline__ void load_16bit(const void* row, int64_t i, float (&out)[N]) {
+  const H* p = static_cast<const H*>(row) + i;
+  if constexpr (N == 1) {
+    out[0] = Conv16::to_float(*p);
+  } else {
+    static_assert(N == 8, "a pack of 16-bit entries is one 16-byte load");
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const auto* pairs = reinterpret_cast<const Pair16<H>*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = Conv16::to_float2(pairs[k]);
+      out[2 * k] = f.x;
+      out[2 * k + 1] = f.y;
+    }
+  }
+}
+
+template <class H, int N>
+__device__ __forceinline__ void store_16bit(void* row, int64_t i, const float (&in)[N]) {
+  H* p = static_cast<H*>(row) + i;
+  if constexpr (N == 1) {
+    Conv16::round(in[0], *p);
+  } else {
+    uint4 raw;
+    auto* pairs = reinterpret_cast<Pair16<H>*>(&raw);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) Conv16::round2(in[2 * k], in[2 * k + 1], pairs[k]);
+    *reinterpret_cast<uint4*>(p) = raw;
+  }
+}
+
 // N (1 or kPack) entries from i, as float32.
 template <int N>
 __device__ __forceinline__ void load_f32(const void* row, DType dt, int64_t i, float (&out)[N]) {
@@ -64,34 +118,9 @@ __device__ __forceinline__ void load_f32(const void* row, DType dt, int64_t i, f
       }
     }
   } else if (dt == kBF16) {
-    const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(row) + i;
-    if constexpr (N == 1) {
-      out[0] = __bfloat162float(*p);
-    } else {
-      static_assert(N == 8, "a pack of 16-bit entries is one 16-byte load");
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
-      const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __bfloat1622float2(pairs[k]);
-        out[2 * k] = f.x;
-        out[2 * k + 1] = f.y;
-      }
-    }
+    load_16bit<__nv_bfloat16>(row, i, out);
   } else {
-    const __half* p = static_cast<const __half*>(row) + i;
-    if constexpr (N == 1) {
-      out[0] = __half2float(*p);
-    } else {
-      const uint4 raw = *reinterpret_cast<const uint4*>(p);
-      const __half2* pairs = reinterpret_cast<const __half2*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __half22float2(pairs[k]);
-        out[2 * k] = f.x;
-        out[2 * k + 1] = f.y;
-      }
-    }
+    load_16bit<__half>(row, i, out);
   }
 }
 
@@ -110,27 +139,9 @@ __device__ __forceinline__ void store_f32(void* row, DType dt, int64_t i, const 
       }
     }
   } else if (dt == kBF16) {
-    __nv_bfloat16* p = static_cast<__nv_bfloat16*>(row) + i;
-    if constexpr (N == 1) {
-      *p = __float2bfloat16_rn(in[0]);
-    } else {
-      uint4 raw;
-      __nv_bfloat162* pairs = reinterpret_cast<__nv_bfloat162*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) pairs[k] = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
-      *reinterpret_cast<uint4*>(p) = raw;
-    }
+    store_16bit<__nv_bfloat16>(row, i, in);
   } else {
-    __half* p = static_cast<__half*>(row) + i;
-    if constexpr (N == 1) {
-      *p = __float2half_rn(in[0]);
-    } else {
-      uint4 raw;
-      __half2* pairs = reinterpret_cast<__half2*>(&raw);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) pairs[k] = __floats2half2_rn(in[2 * k], in[2 * k + 1]);
-      *reinterpret_cast<uint4*>(p) = raw;
-    }
+    store_16bit<__half>(row, i, in);
   }
 }
 
@@ -187,20 +198,17 @@ struct OnlineLse {
   // Folds in N entries; returns the rescale of what was carried and writes exp(x - max).
   template <int N>
   __device__ __forceinline__ float step(const float (&x)[N], float (&e)[N]) {
-    float chunk_max = x[0];
+    float block_max = x[0];
 #pragma unroll
-    for (int k = 1; k < N; ++k) chunk_max = fmaxf(chunk_max, x[k]);
-    const float new_max = fmaxf(max, chunk_max);
-    const float shift = safe_shift(new_max);
-    const float rescale = Ops<float>::exp(max - shift);  // 0 while max is -inf
-    sum *= rescale;
+    for (int k = 1; k < N; ++k) block_max = fmaxf(block_max, x[k]);
+    const LseStep st = lse_step(max, block_max);
+    sum *= st.rescale;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      e[k] = Ops<float>::exp(x[k] - shift);
+      e[k] = Ops<float>::exp(x[k] - st.shift);
       sum += e[k];
     }
-    max = new_max;
-    return rescale;
+    return st.rescale;
   }
 };
 
@@ -224,7 +232,7 @@ __global__ void __launch_bounds__(kMaxTeam)
 
   const int64_t label = args.labels ? args.labels[row] : -1;
   if (args.labels && label == p.ignore_index) {
-    if (tid == 0) args.kd_out[row] = 0.0f;  // ce_out is zero-initialised
+    if (tid == 0) args.kd_per_row[row] = 0.0f;  // ce_per_row is zero-initialised
     if (g_row) {
       const float zero[1] = {0.0f};
       for (int64_t i = tid; i < V; i += team) store_f32<1>(g_row, s_dt, i, zero);
@@ -278,7 +286,7 @@ __global__ void __launch_bounds__(kMaxTeam)
 
   // Pass 1.
   OnlineLse lse_a, lse_b, lse_s;
-  float cross = 0.0f;
+  float cross = 0.0f;  // kd_math.h: cross_term
   for_row([&](int64_t, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
     float a[N], b[N], e_a[N], e_b[N];
@@ -296,122 +304,99 @@ __global__ void __launch_bounds__(kMaxTeam)
     if constexpr (one_pass_loss(DIV)) {
       float c = 0.0f;
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        if constexpr (DIV == FORWARD_KL) {
-          c += e_b[k] > 0.0f ? e_b[k] * (b[k] - a[k]) : 0.0f;
-        } else if constexpr (DIV == SOFT_CE) {
-          c -= e_b[k] > 0.0f ? e_b[k] * a[k] : 0.0f;
-        } else {
-          c += e_a[k] > 0.0f ? e_a[k] * (a[k] - b[k]) : 0.0f;
-        }
-      }
-      cross = cross * (DIV == REVERSE_KL ? rescale_a : rescale_b) + c;
+      for (int k = 0; k < N; ++k) c += cross_term<DIV>(a[k], b[k], e_a[k], e_b[k]);
+      cross = cross * cross_side<DIV>(rescale_a, rescale_b) + c;
     }
   });
   float maxima[3] = {lse_a.max, lse_b.max, lse_s.max};
   team_reduce(maxima, MaxOp{}, smem);
-  const float m_a = safe_shift(maxima[0]);
-  const float m_b = safe_shift(maxima[1]);
-  const float m_s = safe_shift(maxima[2]);
-  float sums[4] = {lse_a.sum * Ops<float>::exp(lse_a.max - m_a),
-                   lse_b.sum * Ops<float>::exp(lse_b.max - m_b),
-                   lse_s.sum * Ops<float>::exp(lse_s.max - m_s),
-                   cross * Ops<float>::exp(DIV == REVERSE_KL ? lse_a.max - m_a : lse_b.max - m_b)};
+  // Each thread's sums, moved to the team's maxima before they are added.
+  const auto to_team = [](const OnlineLse& lse, float team_max) {
+    return Ops<float>::exp(lse.max - safe_shift(team_max));
+  };
+  float sums[4] = {lse_a.sum * to_team(lse_a, maxima[0]), lse_b.sum * to_team(lse_b, maxima[1]),
+                   lse_s.sum * to_team(lse_s, maxima[2]),
+                   cross * cross_side<DIV>(to_team(lse_a, maxima[0]), to_team(lse_b, maxima[1]))};
   team_reduce(sums, SumOp{}, smem);
-  // log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
-  // would round it to the ulp of the logits' magnitude.
-  const float log_z_a = logf(sums[0]);
-  const float log_z_b = logf(sums[1]);
-  // softmax(s) at T = 1 for CE: the student's own when T == 1.
-  const float m_ce = ce_own ? m_s : m_a;
-  const float log_z_ce = ce_own ? logf(sums[2]) : log_z_a;
+  const RowLse row_a = row_lse(maxima[0], sums[0]);
+  const RowLse row_b = row_lse(maxima[1], sums[1]);
+  const RowLse row_ce = ce_own ? row_lse(maxima[2], sums[2]) : row_a;  // softmax(s) at T = 1
 
-  // The loss, and S = sum_k q_k h_k for the gradient (TVD: the sums of q where q > p, q < p).
-  float kd, qh_sum = 0.0f, q_above = 0.0f, q_below = 0.0f;
-  if constexpr (DIV == FORWARD_KL) {
-    kd = sums[3] / sums[1] + (m_a - m_b) + (log_z_a - log_z_b);
-    qh_sum = -1.0f;
-  } else if constexpr (DIV == SOFT_CE) {
-    kd = sums[3] / sums[1] + m_a + log_z_a;
-    qh_sum = -1.0f;
-  } else if constexpr (DIV == REVERSE_KL) {
-    qh_sum = sums[3] / sums[0];  // sum_k q_k (a_k - b_k), the h of pointwise
-    kd = qh_sum + (m_b - m_a) + (log_z_b - log_z_a);
+  // The §1 table at one entry, from the (soft-capped) logits: pass 2 and the gradient
+  // recompute it rather than keep anything of the row.
+  struct Entry {
+    Terms<float> terms;
+    float q;
+  };
+  const auto entry = [&](float s, float t) {
+    const float a = s * p.inv_t;
+    const float b = t * p.inv_t;
+    const float log_q = log_softmax(a, row_a);
+    const float log_p = log_softmax(b, row_b);
+    const float q = Ops<float>::exp(log_q);
+    return Entry{pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, a - b, p.mix), q};
+  };
+
+  RowSums row_sums;
+  if constexpr (one_pass_loss(DIV)) {
+    row_sums = loss_from_pass1<DIV>(sums[3], row_a, row_b);
   } else {
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // loss, qh, q above p, q below p
+    Pass2Sums<DIV, float> mine;
     for_row([&](int64_t, const auto& sv, const auto& tv) {
       constexpr int N = sizeof(sv) / sizeof(float);
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float a = sv[k] * p.inv_t;
-        const float b = tv[k] * p.inv_t;
-        const float log_q = (a - m_a) - log_z_a;
-        const float log_p = (b - m_b) - log_z_b;
-        const Terms<float> terms = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p),
-                                                  Ops<float>::exp(log_q), a - b, p.mix);
-        acc[0] += terms.loss;
-        acc[1] += terms.qh;
-        if constexpr (DIV == TVD) {
-          acc[2] += fmaxf(terms.qh, 0.0f);
-          acc[3] += fmaxf(-terms.qh, 0.0f);
-        }
-      }
+      for (int k = 0; k < N; ++k) mine.add(entry(sv[k], tv[k]).terms);
     });
+    float acc[4] = {mine.kd, mine.qh, mine.q_above, mine.q_below};
     team_reduce(acc, SumOp{}, smem);
-    kd = acc[0];
-    qh_sum = acc[1];
-    q_above = acc[2];
-    q_below = acc[3];
+    row_sums = {acc[0], acc[1], acc[2], acc[3]};
   }
-  const float no_distribution = nan_unless_distributions(sums[0], sums[1]);
+  const float no_distribution = nan_unless_distributions(row_a.z, row_b.z);
   if (tid == 0) {
-    args.kd_out[row] = kd + no_distribution;
-    if (p.has_ce) args.ce_out[row] = (m_ce - s_label) + log_z_ce;
+    args.kd_per_row[row] = row_sums.kd + no_distribution;
+    if (p.has_ce) args.ce_per_row[row] = ce_loss(row_ce, s_label);
   }
   if (!g_row) return;
 
   team_sync();  // every read of the student row above is done before it may be overwritten
-  const float scale = *args.grad_scale;
-  const float kd_coef = p.kd_grad_coef * scale + no_distribution;
-  const float ce_coef = p.ce_weight * scale;
+  const RowGrad grad =
+      row_grad(row_sums, no_distribution, *args.reduction_factor, p.kd_grad_coef, p.ce_weight);
   for_row([&](int64_t i, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
     float g[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float a = sv[k] * p.inv_t;
-      const float b = tv[k] * p.inv_t;
-      const float log_q = (a - m_a) - log_z_a;
-      const float log_p = (b - m_b) - log_z_b;
-      const float q = Ops<float>::exp(log_q);
-      const float qh = pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, a - b, p.mix).qh;
-      if constexpr (DIV == TVD) {
-        g[k] = kd_coef * tvd_grad(qh, q, q_above, q_below);
-      } else {
-        g[k] = kd_coef * (qh - q * qh_sum);
-      }
-      if (p.has_ce) {
-        const float sm = ce_own ? Ops<float>::exp((sv[k] - m_ce) - log_z_ce) : q;
-        g[k] += ce_coef * (sm - (i + k == label ? 1.0f : 0.0f));
-      }
-      if (p.has_softcap) g[k] *= softcap_grad(sv[k], p.inv_cap);
+      const Entry e = entry(sv[k], tv[k]);
+      const auto ce = [&] {
+        return CeEntry<float>{ce_own ? Ops<float>::exp(log_softmax(sv[k], row_ce)) : e.q,
+                              i + k == label ? 1.0f : 0.0f};
+      };
+      g[k] = grad_entry<DIV>(p, grad, e.terms.qh, e.q, ce, [&] { return sv[k]; });
     }
     store_f32<N>(g_row, s_dt, i, g);
   });
 }
 
-__global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const float* factor,
-                                  int64_t factor_stride, int64_t V) {
+__global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const float* grad_output,
+                                  int64_t grad_output_stride, int64_t V) {
   const int64_t row = blockIdx.x;
-  const float f = factor[row * factor_stride];
-  if (f == 1.0f) return;  // the common backward (grad_output == 1) touches nothing
+  const float go = grad_output[row * grad_output_stride];
+  if (go == 1.0f) return;  // the common backward (grad_output == 1) touches nothing
   void* g = static_cast<char*>(grad) + row * stride * elem_size(dt);
   for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
     float x[1];
     load_f32<1>(g, dt, i, x);
-    x[0] *= f;
+    x[0] *= go;
     store_f32<1>(g, dt, i, x);
   }
+}
+
+using KernelFn = void (*)(const KdRowsLaunch);
+
+// kd_rows_kernel<DIV> for every divergence code, indexed by it.
+template <int... DIVS>
+constexpr std::array<KernelFn, sizeof...(DIVS)> kernel_table(std::integer_sequence<int, DIVS...>) {
+  return {&kd_rows_kernel<DIVS>...};
 }
 
 // Threads per row: enough for about four packs each, from one warp up to kMaxTeam.
@@ -433,41 +418,19 @@ cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream) {
   if (n_blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(n_blocks));
   const dim3 block(team, rows_per_block);
-  switch (p.divergence) {
-    case FORWARD_KL:
-      kd_rows_kernel<FORWARD_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case SOFT_CE:
-      kd_rows_kernel<SOFT_CE><<<grid, block, 0, stream>>>(args);
-      break;
-    case REVERSE_KL:
-      kd_rows_kernel<REVERSE_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case JSD:
-      kd_rows_kernel<JSD><<<grid, block, 0, stream>>>(args);
-      break;
-    case SKEW_FORWARD_KL:
-      kd_rows_kernel<SKEW_FORWARD_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case SKEW_REVERSE_KL:
-      kd_rows_kernel<SKEW_REVERSE_KL><<<grid, block, 0, stream>>>(args);
-      break;
-    case TVD:
-      kd_rows_kernel<TVD><<<grid, block, 0, stream>>>(args);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  if (p.divergence < 0 || p.divergence >= kNumDivergences) return cudaErrorInvalidValue;
+  static constexpr auto table = kernel_table(std::make_integer_sequence<int, kNumDivergences>{});
+  table[p.divergence]<<<grid, block, 0, stream>>>(args);
   return cudaGetLastError();
 }
 
-cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* factor,
-                              int64_t factor_stride, int64_t n_rows, int64_t V,
+cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* grad_output,
+                              int64_t grad_output_stride, int64_t n_rows, int64_t V,
                               cudaStream_t stream) {
   if (n_rows == 0) return cudaSuccess;
   if (n_rows > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  scale_rows_kernel<<<static_cast<unsigned>(n_rows), 256, 0, stream>>>(grad, dtype, stride, factor,
-                                                                       factor_stride, V);
+  scale_rows_kernel<<<static_cast<unsigned>(n_rows), 256, 0, stream>>>(
+      grad, dtype, stride, grad_output, grad_output_stride, V);
   return cudaGetLastError();
 }
 

@@ -10,10 +10,11 @@
 
 namespace fastkd {
 
-// Enqueue the row kernel / the row scaling on `stream`; returns the launch's error.
+// Enqueue the row kernel / the backward's row scaling (grad *= grad_output, 0-d when
+// grad_output_stride is 0, else one value per row) on `stream`; returns the launch's error.
 cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream);
-cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* factor,
-                              int64_t factor_stride, int64_t n_rows, int64_t V,
+cudaError_t launch_scale_rows(void* grad, DType dtype, int64_t stride, const float* grad_output,
+                              int64_t grad_output_stride, int64_t n_rows, int64_t V,
                               cudaStream_t stream);
 
 }  // namespace fastkd

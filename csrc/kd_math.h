@@ -1,10 +1,12 @@
-// Per-element divergence math of KDLoss (design.md §1), shared by the CPU and CUDA kernels.
+// Every per-element and per-row formula of KDLoss (design.md §1 the math, §3 the passes),
+// once for the CPU and CUDA kernels, which only walk rows and blocks (design.md §6).
 //
-// This is the C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py: each formula of the
-// design.md §1 table is written once here, as templates over the value type F. The CUDA kernel
-// instantiates them with F = float (host/device functions); the CPU kernel with
-// F = at::vec::Vectorized<float>, whose primitives it supplies by specialising `Ops<F>`.
-// Nothing here branches on the data: guards are selects, so a vector lane never diverges.
+// The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py: written as templates over the
+// value type F, so that one text serves both kernels. The CUDA kernel instantiates them with
+// F = float (host/device functions); the CPU kernel with F = at::vec::Vectorized<float>, whose
+// primitives it supplies by specialising `Ops<F>`. Nothing here branches on the data: guards
+// are selects, so a vector lane never diverges; the branches on a row's flags (has_ce,
+// has_softcap) are the same for the whole row.
 #pragma once
 
 #include <cmath>
@@ -37,7 +39,8 @@ KD_HD constexpr bool one_pass_loss(int div) {
   return div == FORWARD_KL || div == SOFT_CE || div == REVERSE_KL;
 }
 
-// The mixture weight w (beta for jsd, alpha for the skew KLs) with log(w) and log(1 - w).
+// The mixture weight w (the ops' mix_weight: beta for jsd, alpha for the skew KLs) with log(w)
+// and log(1 - w).
 struct MixWeight {
   float w;
   float log_w;
@@ -67,6 +70,43 @@ struct Ops<float> {
 // A running maximum starts at -inf; exp(x - (-inf)) would be NaN, exp(x - 0) with x = -inf
 // is 0. Used on the scalar maxima of the online softmax.
 KD_HD float safe_shift(float m) { return m == kNegInf ? 0.0f : m; }
+
+// --- Log-sum-exps (design.md §3) -----------------------------------------------------------
+
+// One step of the online softmax: a block whose maximum is block_max joins the running
+// maximum. The block's exponentials are taken against `shift`; whatever was summed against
+// the old maximum is multiplied by `rescale` (0 while that maximum is -inf).
+struct LseStep {
+  float shift;
+  float rescale;
+};
+KD_HD LseStep lse_step(float& running_max, float block_max) {
+  const float new_max = Ops<float>::max(running_max, block_max);
+  const float shift = safe_shift(new_max);
+  const LseStep step = {shift, Ops<float>::exp(running_max - shift)};
+  running_max = new_max;
+  return step;
+}
+
+// A row's finished log-sum-exp: m its (safe) maximum, z = sum_k exp(x_k - m), log z.
+struct RowLse {
+  float m;
+  float z;
+  float log_z;
+};
+KD_HD RowLse row_lse(float max, float z) { return {safe_shift(max), z, ::logf(z)}; }
+
+// log softmax(x) = (x - m) - log z, as torch's log_softmax: folding m + log z into one lse
+// would round it to the ulp of the logits' magnitude.
+template <class F>
+KD_HD F log_softmax(F x, const RowLse& lse) {
+  return (x - F(lse.m)) - F(lse.log_z);
+}
+
+// The hard-label cross-entropy lse(s) - s_y at temperature 1.
+KD_HD float ce_loss(const RowLse& lse_s, float s_label) {
+  return (lse_s.m - s_label) + lse_s.log_z;
+}
 
 // 0, or NaN when the student's or the teacher's row has no distribution: a NaN or +inf logit,
 // or every logit -inf. z_a and z_b are the rows' sums of exp(x - max), in [1, V] otherwise
@@ -200,6 +240,140 @@ KD_HD F tvd_grad(F qh, F q, float q_above, float q_below) {
   const F zero(0.0f);
   return q * O::select(O::gt(qh, zero), F(q_below),
                        O::select(O::lt(qh, zero), F(-q_above), zero));
+}
+
+// --- The one-pass loss of forward_kl, soft_ce and reverse_kl (design.md §3) ----------------
+//
+// Pass 1 carries cross = sum_k e_k c_k beside the log-sum-exps, with e the kept exponential
+// of one side (e_b = exp(b - m_b) for forward_kl and soft_ce, e_a for reverse_kl) and c their
+// log-ratio part (b - a, -a, a - b). cross / z of that side is then E_p[c] or E_q[c], and the
+// loss follows from the lse's without a second look at the row.
+
+// The cross term follows the running maximum of the side that weights it: `student` or
+// `teacher` (its rescale, its max) by the divergence.
+template <int DIV, class T>
+KD_HD T cross_side(T student, T teacher) {
+  return DIV == REVERSE_KL ? student : teacher;
+}
+
+// One entry's share of cross; masked entries (e = 0, logits -inf) give 0, never 0 * inf.
+template <int DIV, class F>
+KD_HD F cross_term(F a, F b, F e_a, F e_b) {
+  using O = Ops<F>;
+  const F zero(0.0f);
+  if constexpr (DIV == FORWARD_KL) {
+    return O::select(O::gt(e_b, zero), e_b * (b - a), zero);
+  } else if constexpr (DIV == SOFT_CE) {
+    return O::select(O::gt(e_b, zero), zero - e_b * a, zero);
+  } else {
+    static_assert(DIV == REVERSE_KL, "only forward_kl, soft_ce and reverse_kl carry a cross term");
+    return O::select(O::gt(e_a, zero), e_a * (a - b), zero);
+  }
+}
+
+// What a row's gradient needs from the loss passes: the divergence D, S = sum_k q_k h_k, and
+// for TVD the sums of q where q > p and where q < p (tvd_grad).
+struct RowSums {
+  float kd = 0.0f;
+  float qh_sum = 0.0f;
+  float q_above = 0.0f;
+  float q_below = 0.0f;
+};
+
+// The loss and S from pass 1: forward_kl = E_p[b - a] + lse(a) - lse(b), soft_ce =
+// E_p[-a] + lse(a), reverse_kl = E_q[a - b] + lse(b) - lse(a); S = sum_k q_k h_k is -1 for
+// the first two (h = -p/q) and E_q[a - b] for reverse_kl (its h in pointwise).
+template <int DIV>
+KD_HD RowSums loss_from_pass1(float cross, const RowLse& a, const RowLse& b) {
+  RowSums r;
+  if constexpr (DIV == FORWARD_KL) {
+    r.kd = cross / b.z + (a.m - b.m) + (a.log_z - b.log_z);
+    r.qh_sum = -1.0f;
+  } else if constexpr (DIV == SOFT_CE) {
+    r.kd = cross / b.z + a.m + a.log_z;
+    r.qh_sum = -1.0f;
+  } else {
+    static_assert(DIV == REVERSE_KL, "only forward_kl, soft_ce and reverse_kl finish in pass 1");
+    r.qh_sum = cross / a.z;
+    r.kd = r.qh_sum + (b.m - a.m) + (b.log_z - a.log_z);
+  }
+  return r;
+}
+
+// --- Pass 2 of jsd, the skew KLs and tvd (design.md §3) ------------------------------------
+
+// One thread's (CUDA) or one vector's lanes' (CPU) running sums of pointwise's terms.
+template <int DIV, class F>
+struct Pass2Sums {
+  F kd = F(0.0f);
+  F qh = F(0.0f);
+  F q_above = F(0.0f);
+  F q_below = F(0.0f);
+
+  KD_HD void add(const Terms<F>& terms) {
+    using O = Ops<F>;
+    const F zero(0.0f);
+    kd = kd + terms.loss;
+    qh = qh + terms.qh;
+    if constexpr (DIV == TVD) {
+      // TVD's qh is q where q > p and -q where q < p.
+      q_above = q_above + O::max(terms.qh, zero);
+      q_below = q_below + O::max(zero - terms.qh, zero);
+    }
+  }
+};
+
+// --- The gradient (design.md §1) ------------------------------------------------------------
+//
+// dL/ds_j = (kd_coef q_j (h_j - S) + ce_coef (softmax(s)_j - [j == y])) * cap'(s_j), with
+// TVD's q_j (h_j - S) by tvd_grad. The reduction's factor is in both coefficients: the
+// backward only multiplies by grad_output (design.md §3).
+
+// A row's constants of its gradient.
+struct RowGrad {
+  float kd_coef;  // reduction_factor * kd_grad_coef; NaN for a row without distributions
+  float ce_coef;  // reduction_factor * ce_weight
+  RowSums sums;
+};
+
+// no_distribution is nan_unless_distributions of the row: it makes the whole gradient row
+// NaN, as the loss, where the student or the teacher has no distribution.
+KD_HD RowGrad row_grad(const RowSums& sums, float no_distribution, float reduction_factor,
+                       float kd_grad_coef, float ce_weight) {
+  return {kd_grad_coef * reduction_factor + no_distribution, ce_weight * reduction_factor, sums};
+}
+
+// softmax(s)_j at temperature 1 and [j == y] of one entry, for the CE part.
+template <class F>
+struct CeEntry {
+  F softmax;
+  F onehot;
+};
+
+// dL/ds_j of one entry from q_j and pointwise's q_j h_j (qh). `p` is the kernels'
+// KdRowsParams (kd_params.h): its has_ce, has_softcap and inv_cap. The kernels keep or
+// recompute the rest their own way, so they pass it as callables that run only when the row
+// needs it: ce() -> CeEntry<F> when the row has CE, s_capped() -> the soft-capped student
+// logit when it is soft-capped.
+//
+// The flags are read from p, not copied into RowGrad: a copy in a local lets GCC version the
+// CPU loop on them and contract its multiply-adds differently (-ffp-contract=fast), which
+// moves the CPU gradient by an ulp.
+template <int DIV, class F, class Params, class Ce, class Capped>
+KD_HD F grad_entry(const Params& p, const RowGrad& row, F qh, F q, const Ce& ce,
+                   const Capped& s_capped) {
+  F g;
+  if constexpr (DIV == TVD) {
+    g = F(row.kd_coef) * tvd_grad(qh, q, row.sums.q_above, row.sums.q_below);
+  } else {
+    g = F(row.kd_coef) * (qh - q * F(row.sums.qh_sum));
+  }
+  if (p.has_ce) {
+    const CeEntry<F> e = ce();
+    g = g + F(row.ce_coef) * (e.softmax - e.onehot);
+  }
+  if (p.has_softcap) g = g * softcap_grad(s_capped(), p.inv_cap);
+  return g;
 }
 
 }  // namespace fastkd

@@ -17,7 +17,7 @@ struct KdRowsParams {
   float inv_t = 1.0f;      // 1 / temperature
   float cap = 0.0f;        // soft-cap c (when has_softcap)
   float inv_cap = 0.0f;    // 1 / c
-  MixWeight mix{};         // beta or alpha with its logs
+  MixWeight mix{};         // mix_weight (beta or alpha) with its logs
   float kd_grad_coef = 0;  // kd_weight * (T^2 or 1) / T: dL/ds = kd_grad_coef * dD/da + ...
   float ce_weight = 0;
   int64_t ignore_index = -100;
@@ -38,10 +38,10 @@ struct KdRowsLaunch {
   void* g;        // gradient rows in the student's dtype, or nullptr; may equal s
   int64_t s_stride, t_stride, g_stride;  // row strides in entries
   DType s_dtype, t_dtype;
-  const int64_t* labels;    // (N,) or nullptr
-  const float* grad_scale;  // 0-d, on the kernel's device
-  float* kd_out;            // (N,)
-  float* ce_out;            // (N,), zero-initialised
+  const int64_t* labels;          // (N,) or nullptr
+  const float* reduction_factor;  // 0-d, on the kernel's device: the reduction's factor
+  float* kd_per_row;              // (N,)
+  float* ce_per_row;              // (N,), zero-initialised
   KdRowsParams p;
 };
 
@@ -51,10 +51,10 @@ struct CpuKernels {
   int abi;  // kCpuKernelsAbi of the kd_params.h it was built with
   const char* isa;
   void (*kd_rows)(const KdRowsLaunch& args);
-  void (*scale_rows)(void* grad, DType dtype, int64_t stride, const float* factor,
-                     int64_t factor_stride, int64_t n_rows, int64_t V);
+  void (*scale_rows)(void* grad, DType dtype, int64_t stride, const float* grad_output,
+                     int64_t grad_output_stride, int64_t n_rows, int64_t V);
 };
-constexpr int kCpuKernelsAbi = 1;  // bump when KdRowsLaunch, KdRowsParams or this change
+constexpr int kCpuKernelsAbi = 2;  // bump when KdRowsLaunch, KdRowsParams or this change
 constexpr const char* kCpuKernelsCapsule = "fastkd.CpuKernels";
 
 }  // namespace fastkd

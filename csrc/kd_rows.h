@@ -4,7 +4,8 @@
 // The op has the signature of the Triton row kernel (fastkd/triton/kd_kernels.py:kd_rows):
 // (N, V) student and teacher rows with unit stride along V, optional labels, an optional
 // gradient buffer (which may be the student itself: the kernels read an entry before they
-// write it), the reduction's factor as a 0-d tensor; it returns (kd_rows, ce_rows) in float32.
+// write it), the reduction's factor as a 0-d tensor; it returns (kd_per_row, ce_per_row) in
+// float32.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,8 +23,9 @@ namespace fastkd {
 
 // The checked arguments of one kd_rows call, with its outputs allocated.
 struct KdRowsCall {
-  at::Tensor student, teacher, labels, grad, grad_scale;  // labels int64, grad_scale float32
-  at::Tensor kd_rows, ce_rows;                            // (N,) float32 outputs
+  at::Tensor student, teacher, labels, grad;
+  at::Tensor reduction_factor;        // 0-d float32
+  at::Tensor kd_per_row, ce_per_row;  // (N,) float32 outputs
   KdRowsParams p;
 };
 
@@ -61,8 +63,8 @@ inline bool same_view(const at::Tensor& a, const at::Tensor& b) {
 inline KdRowsCall prepare_kd_rows(const at::Tensor& student, const at::Tensor& teacher,
                                   const std::optional<at::Tensor>& labels,
                                   const std::optional<at::Tensor>& grad,
-                                  const at::Tensor& grad_scale, int64_t divergence,
-                                  double temperature, double param,
+                                  const at::Tensor& reduction_factor, int64_t divergence,
+                                  double temperature, double mix_weight,
                                   std::optional<double> softcap, double kd_grad_coef,
                                   double ce_weight, int64_t ignore_index) {
   KdRowsCall call;
@@ -80,16 +82,18 @@ inline KdRowsCall prepare_kd_rows(const at::Tensor& student, const at::Tensor& t
               "fastkd::kd_rows: unknown divergence code ", divergence);
   TORCH_CHECK(temperature > 0 && std::isfinite(temperature),
               "fastkd::kd_rows: temperature must be > 0, got ", temperature);
-  TORCH_CHECK(param > 0 && param < 1, "fastkd::kd_rows: param must lie in (0, 1), got ", param);
-  TORCH_CHECK(grad_scale.numel() == 1, "fastkd::kd_rows: grad_scale must hold one number");
+  TORCH_CHECK(mix_weight > 0 && mix_weight < 1,
+              "fastkd::kd_rows: mix_weight must lie in (0, 1), got ", mix_weight);
+  TORCH_CHECK(reduction_factor.numel() == 1,
+              "fastkd::kd_rows: reduction_factor must hold one number");
 
   call.student = student;
   call.teacher = teacher;
-  call.grad_scale = grad_scale.to(student.device(), at::kFloat).reshape({});
+  call.reduction_factor = reduction_factor.to(student.device(), at::kFloat).reshape({});
   p.divergence = static_cast<int>(divergence);
   p.inv_t = static_cast<float>(1.0 / temperature);
-  p.mix = {static_cast<float>(param), static_cast<float>(std::log(param)),
-           static_cast<float>(std::log1p(-param))};
+  p.mix = {static_cast<float>(mix_weight), static_cast<float>(std::log(mix_weight)),
+           static_cast<float>(std::log1p(-mix_weight))};
   p.kd_grad_coef = static_cast<float>(kd_grad_coef);
   p.ce_weight = static_cast<float>(ce_weight);
   p.ignore_index = ignore_index;
@@ -131,23 +135,24 @@ inline KdRowsCall prepare_kd_rows(const at::Tensor& student, const at::Tensor& t
     p.compute_grad = true;
   }
   const auto f32 = student.options().dtype(at::kFloat);
-  call.kd_rows = at::empty({p.n_rows}, f32);
-  call.ce_rows = at::zeros({p.n_rows}, f32);
+  call.kd_per_row = at::empty({p.n_rows}, f32);
+  call.ce_per_row = at::zeros({p.n_rows}, f32);
   return call;
 }
 
-// fastkd::scale_rows_: grad (N, V) *= factor, a 0-d tensor or one value per row.
-inline at::Tensor prepare_scale_factor(const at::Tensor& grad, const at::Tensor& factor) {
+// fastkd::scale_rows_: grad (N, V) *= grad_output, a 0-d tensor or one value per row.
+inline at::Tensor prepare_grad_output(const at::Tensor& grad, const at::Tensor& grad_output) {
   TORCH_CHECK(grad.dim() == 2, "fastkd::scale_rows_: grad must be (N, V), got ", grad.sizes());
   TORCH_CHECK(is_kernel_dtype(grad.scalar_type()),
               "fastkd::scale_rows_: grad must be float32, bfloat16 or float16, got ",
               grad.scalar_type());
   TORCH_CHECK(grad.stride(1) == 1 || grad.size(1) == 1,
               "fastkd::scale_rows_: grad must have unit stride along V");
-  TORCH_CHECK(factor.dim() == 0 || (factor.dim() == 1 && factor.size(0) == grad.size(0)),
-              "fastkd::scale_rows_: factor must be 0-d or hold one value per row, got ",
-              factor.sizes());
-  return factor.to(grad.device(), at::kFloat);
+  TORCH_CHECK(grad_output.dim() == 0 ||
+                  (grad_output.dim() == 1 && grad_output.size(0) == grad.size(0)),
+              "fastkd::scale_rows_: grad_output must be 0-d or hold one value per row, got ",
+              grad_output.sizes());
+  return grad_output.to(grad.device(), at::kFloat);
 }
 
 }  // namespace fastkd

@@ -61,9 +61,9 @@ KdRowsLaunch make_launch(const KdRowsCall& call) {
   args.s_dtype = dtype_code(call.student.scalar_type());
   args.t_dtype = dtype_code(call.teacher.scalar_type());
   args.labels = call.p.has_labels ? call.labels.data_ptr<int64_t>() : nullptr;
-  args.grad_scale = call.grad_scale.data_ptr<float>();
-  args.kd_out = call.kd_rows.data_ptr<float>();
-  args.ce_out = call.ce_rows.data_ptr<float>();
+  args.reduction_factor = call.reduction_factor.data_ptr<float>();
+  args.kd_per_row = call.kd_per_row.data_ptr<float>();
+  args.ce_per_row = call.ce_per_row.data_ptr<float>();
   args.p = call.p;
   return args;
 }
@@ -91,25 +91,25 @@ void set_cpu_kernels(pybind11::capsule capsule) {
 
 std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
-    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
-    double ce_weight, int64_t ignore_index) {
+    const std::optional<at::Tensor>& grad, const at::Tensor& reduction_factor,
+    int64_t divergence, double temperature, double mix_weight, std::optional<double> softcap,
+    double kd_grad_coef, double ce_weight, int64_t ignore_index) {
   const CpuKernels& kernels = loaded_cpu_kernels();
   const KdRowsCall call =
-      prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence, temperature,
-                      param, softcap, kd_grad_coef, ce_weight, ignore_index);
+      prepare_kd_rows(student, teacher, labels, grad, reduction_factor, divergence,
+                      temperature, mix_weight, softcap, kd_grad_coef, ce_weight, ignore_index);
   // The gradient pass finds the label's entry by comparing float32 indices: exact to 2^24.
   TORCH_CHECK(!call.p.has_ce || call.p.V <= (int64_t{1} << 24),
               "fastkd::kd_rows (CPU): hard-label CE takes V <= 2^24, got ", call.p.V);
   kernels.kd_rows(make_launch(call));
-  return {call.kd_rows, call.ce_rows};
+  return {call.kd_per_row, call.ce_per_row};
 }
 
-void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor) {
+void scale_rows_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
   const CpuKernels& kernels = loaded_cpu_kernels();
-  const at::Tensor f = prepare_scale_factor(grad, factor).contiguous();
+  const at::Tensor go = prepare_grad_output(grad, grad_output).contiguous();
   kernels.scale_rows(grad.data_ptr(), dtype_code(grad.scalar_type()), grad.stride(0),
-                     f.data_ptr<float>(), f.dim() == 0 ? 0 : 1, grad.size(0), grad.size(1));
+                     go.data_ptr<float>(), go.dim() == 0 ? 0 : 1, grad.size(0), grad.size(1));
 }
 
 // --- CUDA --------------------------------------------------------------------------------
@@ -117,25 +117,25 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& factor) {
 #if defined(FASTKD_WITH_CUDA)
 std::tuple<at::Tensor, at::Tensor> kd_rows_cuda(
     const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
-    const std::optional<at::Tensor>& grad, const at::Tensor& grad_scale, int64_t divergence,
-    double temperature, double param, std::optional<double> softcap, double kd_grad_coef,
-    double ce_weight, int64_t ignore_index) {
+    const std::optional<at::Tensor>& grad, const at::Tensor& reduction_factor,
+    int64_t divergence, double temperature, double mix_weight, std::optional<double> softcap,
+    double kd_grad_coef, double ce_weight, int64_t ignore_index) {
   TORCH_CHECK(student.is_cuda(), "fastkd::kd_rows (CUDA): student must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(student.device());
   const KdRowsCall call =
-      prepare_kd_rows(student, teacher, labels, grad, grad_scale, divergence, temperature,
-                      param, softcap, kd_grad_coef, ce_weight, ignore_index);
+      prepare_kd_rows(student, teacher, labels, grad, reduction_factor, divergence,
+                      temperature, mix_weight, softcap, kd_grad_coef, ce_weight, ignore_index);
   C10_CUDA_CHECK(launch_kd_rows(make_launch(call), c10::cuda::getCurrentCUDAStream()));
-  return {call.kd_rows, call.ce_rows};
+  return {call.kd_per_row, call.ce_per_row};
 }
 
-void scale_rows_cuda(at::Tensor& grad, const at::Tensor& factor) {
+void scale_rows_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
   TORCH_CHECK(grad.is_cuda(), "fastkd::scale_rows_ (CUDA): grad must be a CUDA tensor");
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor f = prepare_scale_factor(grad, factor);
+  const at::Tensor go = prepare_grad_output(grad, grad_output);
   C10_CUDA_CHECK(launch_scale_rows(grad.data_ptr(), dtype_code(grad.scalar_type()),
-                                   grad.stride(0), f.data_ptr<float>(),
-                                   f.dim() == 0 ? 0 : f.stride(0), grad.size(0), grad.size(1),
+                                   grad.stride(0), go.data_ptr<float>(),
+                                   go.dim() == 0 ? 0 : go.stride(0), grad.size(0), grad.size(1),
                                    c10::cuda::getCurrentCUDAStream()));
 }
 #endif
@@ -170,14 +170,16 @@ pybind11::dict build_info() {
 
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.set_python_module("fastkd._extension");
-  // The row kernel (kd_rows.h): per-row KD and CE losses in float32, and when grad is given,
-  // grad_scale * dL/dstudent written into it (grad may be the student itself).
+  // The row kernel (kd_rows.h): per-row KD and CE losses in float32 (kd_per_row,
+  // ce_per_row), and when grad is given, reduction_factor * dL/dstudent written into it (grad
+  // may be the student itself). fastkd/_extension.py calls both ops positionally.
   m.def(
       "kd_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor(a!)? grad, "
-      "Tensor grad_scale, int divergence, float temperature, float param, float? softcap, "
-      "float kd_grad_coef, float ce_weight, int ignore_index) -> (Tensor, Tensor)");
-  // grad (N, V) *= factor (0-d, or one value per row), rows whose factor is 1 untouched.
-  m.def("scale_rows_(Tensor(a!) grad, Tensor factor) -> ()");
+      "Tensor reduction_factor, int divergence, float temperature, float mix_weight, "
+      "float? softcap, float kd_grad_coef, float ce_weight, int ignore_index) -> (Tensor, Tensor)");
+  // The backward: grad (N, V) *= grad_output (0-d, or one value per row), rows whose
+  // grad_output is 1 untouched.
+  m.def("scale_rows_(Tensor(a!) grad, Tensor grad_output) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
