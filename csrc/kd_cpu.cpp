@@ -232,10 +232,11 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
   for (int64_t lo = 0; lo < V; lo += kChunk) {
     const int64_t n = std::min(kChunk, V - lo);
     const float s_max = max_of(s + lo, n);
+    const float z_side_old = cross_side<DIV>(lse_a.sum, lse_b.sum);
     const LseStep step_a = lse_a.step(s_max * p.inv_t);
     const LseStep step_b = lse_b.step(max_of(t + lo, n) * p.inv_t);
     const float shift_s = ce_own ? lse_s.step(s_max).shift : 0.0f;
-    cross *= cross_side<DIV>(step_a.rescale, step_b.rescale);
+    if constexpr (one_pass_loss(DIV)) cross = rebase_cross<DIV>(cross, z_side_old, step_a, step_b);
     const Vec sh_a(step_a.shift), sh_b(step_b.shift), sh_s(shift_s);
     Vec sum_a(0.0f), sum_b(0.0f), sum_s(0.0f), acc_cross(0.0f);
     float* ea = sc.ea.data() + lo;
@@ -248,13 +249,15 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
       const Vec sv = load(s + lo + j, cnt, kNegInf);
       const Vec a = sv * inv_t;
       const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
-      const Vec e_a = Ops<Vec>::exp(a - sh_a);
-      const Vec e_b = Ops<Vec>::exp(b - sh_b);
+      const Vec a_rel = a - sh_a;
+      const Vec b_rel = b - sh_b;
+      const Vec e_a = Ops<Vec>::exp(a_rel);
+      const Vec e_b = Ops<Vec>::exp(b_rel);
       e_a.store(ea + j, cnt);
       e_b.store(eb + j, cnt);
       sum_a += e_a;
       sum_b += e_b;
-      if constexpr (one_pass_loss(DIV)) acc_cross += cross_term<DIV>(a, b, e_a, e_b);
+      if constexpr (one_pass_loss(DIV)) acc_cross += cross_term<DIV>(a_rel, b_rel, e_a, e_b);
       if (ce_own) {
         const Vec e_s = Ops<Vec>::exp(sv - sh_s);
         e_s.store(sc.es.data() + lo + j, cnt);
@@ -290,7 +293,8 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
         const Vec q = load(ea + j, cnt, 0.0f) * to_q;
         const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
         const Terms<Vec> terms =
-            pointwise<DIV>(log_softmax(b, row_b), log_softmax(a, row_a), pr, q, a - b, p.mix);
+            pointwise<DIV>(log_softmax(b, row_b), log_softmax(a, row_a), pr, q,
+                           log_ratio(a, b, row_a, row_b), p.mix);
         acc.add(terms);
         terms.qh.store(eb + j, cnt);
       });
@@ -327,7 +331,8 @@ void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels
         const Vec a = load(s + lo + j, cnt, kNegInf) * inv_t;
         const Vec b = load(t + lo + j, cnt, kNegInf) * inv_t;
         const Vec pr = load(eb + j, cnt, 0.0f) * to_p;
-        qh = pointwise<DIV>(log_softmax(b, row_b), log_softmax(a, row_a), pr, q, a - b, p.mix)
+        qh = pointwise<DIV>(log_softmax(b, row_b), log_softmax(a, row_a), pr, q,
+                            log_ratio(a, b, row_a, row_b), p.mix)
                  .qh;
       } else {
         qh = load(eb + j, cnt, 0.0f);

@@ -195,9 +195,9 @@ struct OnlineLse {
   float max = kNegInf;
   float sum = 0.0f;
 
-  // Folds in N entries; returns the rescale of what was carried and writes exp(x - max).
+  // Folds in N entries; returns the move of the maximum and writes exp(x - max).
   template <int N>
-  __device__ __forceinline__ float step(const float (&x)[N], float (&e)[N]) {
+  __device__ __forceinline__ LseStep step(const float (&x)[N], float (&e)[N]) {
     float block_max = x[0];
 #pragma unroll
     for (int k = 1; k < N; ++k) block_max = fmaxf(block_max, x[k]);
@@ -208,7 +208,7 @@ struct OnlineLse {
       e[k] = Ops<float>::exp(x[k] - st.shift);
       sum += e[k];
     }
-    return st.rescale;
+    return st;
   }
 };
 
@@ -295,8 +295,9 @@ __global__ void __launch_bounds__(kMaxTeam)
       a[k] = sv[k] * p.inv_t;
       b[k] = tv[k] * p.inv_t;
     }
-    const float rescale_a = lse_a.step(a, e_a);
-    const float rescale_b = lse_b.step(b, e_b);
+    const float z_side_old = cross_side<DIV>(lse_a.sum, lse_b.sum);
+    const LseStep step_a = lse_a.step(a, e_a);
+    const LseStep step_b = lse_b.step(b, e_b);
     if (ce_own) {
       float e_s[N];
       lse_s.step(sv, e_s);
@@ -304,19 +305,21 @@ __global__ void __launch_bounds__(kMaxTeam)
     if constexpr (one_pass_loss(DIV)) {
       float c = 0.0f;
 #pragma unroll
-      for (int k = 0; k < N; ++k) c += cross_term<DIV>(a[k], b[k], e_a[k], e_b[k]);
-      cross = cross * cross_side<DIV>(rescale_a, rescale_b) + c;
+      for (int k = 0; k < N; ++k) {
+        c += cross_term<DIV>(a[k] - step_a.shift, b[k] - step_b.shift, e_a[k], e_b[k]);
+      }
+      cross = rebase_cross<DIV>(cross, z_side_old, step_a, step_b) + c;
     }
   });
   float maxima[3] = {lse_a.max, lse_b.max, lse_s.max};
   team_reduce(maxima, MaxOp{}, smem);
   // Each thread's sums, moved to the team's maxima before they are added.
-  const auto to_team = [](const OnlineLse& lse, float team_max) {
-    return Ops<float>::exp(lse.max - safe_shift(team_max));
-  };
-  float sums[4] = {lse_a.sum * to_team(lse_a, maxima[0]), lse_b.sum * to_team(lse_b, maxima[1]),
-                   lse_s.sum * to_team(lse_s, maxima[2]),
-                   cross * cross_side<DIV>(to_team(lse_a, maxima[0]), to_team(lse_b, maxima[1]))};
+  const LseStep to_team_a = lse_move(lse_a.max, maxima[0]);
+  const LseStep to_team_b = lse_move(lse_b.max, maxima[1]);
+  float sums[4] = {lse_a.sum * to_team_a.rescale, lse_b.sum * to_team_b.rescale,
+                   lse_s.sum * lse_move(lse_s.max, maxima[2]).rescale,
+                   rebase_cross<DIV>(cross, cross_side<DIV>(lse_a.sum, lse_b.sum), to_team_a,
+                                     to_team_b)};
   team_reduce(sums, SumOp{}, smem);
   const RowLse row_a = row_lse(maxima[0], sums[0]);
   const RowLse row_b = row_lse(maxima[1], sums[1]);
@@ -334,7 +337,9 @@ __global__ void __launch_bounds__(kMaxTeam)
     const float log_q = log_softmax(a, row_a);
     const float log_p = log_softmax(b, row_b);
     const float q = Ops<float>::exp(log_q);
-    return Entry{pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q, a - b, p.mix), q};
+    return Entry{pointwise<DIV>(log_p, log_q, Ops<float>::exp(log_p), q,
+                                log_ratio(a, b, row_a, row_b), p.mix),
+                 q};
   };
 
   RowSums row_sums;

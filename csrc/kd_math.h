@@ -39,10 +39,12 @@ KD_HD constexpr bool one_pass_loss(int div) {
   return div == FORWARD_KL || div == SOFT_CE || div == REVERSE_KL;
 }
 
-// The mixture weight w (the ops' mix_weight: beta for jsd, alpha for the skew KLs) with log(w)
-// and log(1 - w).
+// The mixture weight w (the ops' mix_weight: beta for jsd, alpha for the skew KLs) with
+// 1 - w, log(w) and log(1 - w), each formed in double on the host: 1 - float(w) would keep
+// few of 1 - w's digits as w nears 1 (at w = 1 - 1e-6, 1.3% off, and jsd's loss with it).
 struct MixWeight {
   float w;
+  float one_minus_w;
   float log_w;
   float log_1mw;
 };
@@ -73,17 +75,24 @@ KD_HD float safe_shift(float m) { return m == kNegInf ? 0.0f : m; }
 
 // --- Log-sum-exps (design.md §3) -----------------------------------------------------------
 
-// One step of the online softmax: a block whose maximum is block_max joins the running
-// maximum. The block's exponentials are taken against `shift`; whatever was summed against
-// the old maximum is multiplied by `rescale` (0 while that maximum is -inf).
+// A move of an online softmax's maximum from from_max to to_max: exponentials are then taken
+// against `shift`; whatever was summed against the old maximum is multiplied by `rescale`
+// (0 while that maximum is -inf), and a value kept relative to it shifts by -moved.
 struct LseStep {
   float shift;
   float rescale;
+  float moved;
 };
+KD_HD LseStep lse_move(float from_max, float to_max) {
+  const float shift = safe_shift(to_max);
+  return {shift, Ops<float>::exp(from_max - shift), shift - safe_shift(from_max)};
+}
+
+// One step of the online softmax: a block whose maximum is block_max joins the running
+// maximum.
 KD_HD LseStep lse_step(float& running_max, float block_max) {
   const float new_max = Ops<float>::max(running_max, block_max);
-  const float shift = safe_shift(new_max);
-  const LseStep step = {shift, Ops<float>::exp(running_max - shift)};
+  const LseStep step = lse_move(running_max, new_max);
   running_max = new_max;
   return step;
 }
@@ -101,6 +110,13 @@ KD_HD RowLse row_lse(float max, float z) { return {safe_shift(max), z, ::logf(z)
 template <class F>
 KD_HD F log_softmax(F x, const RowLse& lse) {
   return (x - F(lse.m)) - F(lse.log_z);
+}
+
+// (a - m_a) - (b - m_b): log q - log p less a constant, relative to the rows' maxima so that
+// an offset the logits share is never carried (reverse_kl's h in pointwise).
+template <class F>
+KD_HD F log_ratio(F a, F b, const RowLse& lse_a, const RowLse& lse_b) {
+  return (a - F(lse_a.m)) - (b - F(lse_b.m));
 }
 
 // The hard-label cross-entropy lse(s) - s_y at temperature 1.
@@ -181,7 +197,7 @@ struct Terms {
 
 // The design.md §1 table for one vocabulary entry, from the teacher's and the student's
 // log-probabilities and probabilities (p = exp(log_p), q = exp(log_q): the callers have them)
-// and a_minus_b = (s - t) / T. The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py,
+// and a_minus_b = log_ratio(a, b). The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py,
 // with the same h; the mixture divergences are written through `mixture` (one exp and one
 // log1p an entry where logaddexp + softplus take two of each; also free of the cancellation
 // of log p - log m, as their gradients already were).
@@ -200,7 +216,7 @@ KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, F a_minus_b, const MixWeigh
   } else if constexpr (DIV == SOFT_CE) {
     return {O::select(O::gt(p, zero), zero - p * log_q, zero), zero - p};  // g = -p/q
   } else if constexpr (DIV == REVERSE_KL) {
-    // g = log q - log p + 1 = (a - b) + a constant
+    // g = log q - log p + 1 = log_ratio(a, b) + a constant
     return {xlogratio(q, log_q, log_p), O::select(O::gt(q, zero), q * a_minus_b, zero)};
   } else if constexpr (DIV == JSD) {
     // m = w p + (1-w) q, u = log(w p / ((1-w) q)): log(m/p) = log w + softplus(-u),
@@ -209,8 +225,8 @@ KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, F a_minus_b, const MixWeigh
     const F p_term = O::select(O::gt(p, zero), p * (F(mix.log_w) + mx.softplus_neg), zero);
     const F q_term = O::select(O::gt(q, zero), q * (F(mix.log_1mw) + mx.softplus_pos), zero);
     // g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(u))
-    return {zero - F(mix.w) * p_term - F(1.0f - mix.w) * q_term,
-            O::select(O::gt(q, zero), F(mix.w - 1.0f) * q * mx.softplus_pos, zero)};
+    return {zero - F(mix.w) * p_term - F(mix.one_minus_w) * q_term,
+            O::select(O::gt(q, zero), F(-mix.one_minus_w) * q * mx.softplus_pos, zero)};
   } else if constexpr (DIV == SKEW_FORWARD_KL) {
     // m = w p + (1-w) q as for jsd; g = -(1-w) p/m, and (1-w) q/m = sigmoid(-u).
     const Mixture<F> mx = mixture(F(mix.log_w - mix.log_1mw) + log_p - log_q);
@@ -246,8 +262,10 @@ KD_HD F tvd_grad(F qh, F q, float q_above, float q_below) {
 //
 // Pass 1 carries cross = sum_k e_k c_k beside the log-sum-exps, with e the kept exponential
 // of one side (e_b = exp(b - m_b) for forward_kl and soft_ce, e_a for reverse_kl) and c their
-// log-ratio part (b - a, -a, a - b). cross / z of that side is then E_p[c] or E_q[c], and the
-// loss follows from the lse's without a second look at the row.
+// log-ratio part, relative to the running maxima: (b - m_b) - (a - m_a), -(a - m_a),
+// (a - m_a) - (b - m_b). cross / z of that side is then E_p[c] or E_q[c], and the loss
+// follows from the lse's without a second look at the row. Relative, so that an offset the
+// logits share (100 / T, say) is never summed and then cancelled against lse(b) - lse(a).
 
 // The cross term follows the running maximum of the side that weights it: `student` or
 // `teacher` (its rescale, its max) by the divergence.
@@ -256,7 +274,8 @@ KD_HD T cross_side(T student, T teacher) {
   return DIV == REVERSE_KL ? student : teacher;
 }
 
-// One entry's share of cross; masked entries (e = 0, logits -inf) give 0, never 0 * inf.
+// One entry's share of cross, from a_rel = a - m_a and b_rel = b - m_b (the maxima its
+// exponentials were taken against); masked entries (e = 0, logits -inf) give 0, never 0 * inf.
 template <int DIV, class F>
 KD_HD F cross_term(F a, F b, F e_a, F e_b) {
   using O = Ops<F>;
@@ -271,6 +290,19 @@ KD_HD F cross_term(F a, F b, F e_a, F e_b) {
   }
 }
 
+// The carried cross after the maxima moved (the steps of the student's and the teacher's
+// online softmax, or a thread's sums joining its team's): its values shift with the maxima,
+// its weights rescale with its side's. z_side_old is that side's sum before the move:
+// nothing was carried while it is 0 (and its maximum may still be -inf).
+template <int DIV>
+KD_HD float rebase_cross(float cross, float z_side_old, const LseStep& a, const LseStep& b) {
+  const float moved = DIV == FORWARD_KL ? a.moved - b.moved
+                      : DIV == SOFT_CE  ? a.moved
+                                        : b.moved - a.moved;
+  const float rescale = cross_side<DIV>(a.rescale, b.rescale);
+  return z_side_old > 0.0f ? (cross + moved * z_side_old) * rescale : 0.0f;
+}
+
 // What a row's gradient needs from the loss passes: the divergence D, S = sum_k q_k h_k, and
 // for TVD the sums of q where q > p and where q < p (tvd_grad).
 struct RowSums {
@@ -280,22 +312,23 @@ struct RowSums {
   float q_below = 0.0f;
 };
 
-// The loss and S from pass 1: forward_kl = E_p[b - a] + lse(a) - lse(b), soft_ce =
-// E_p[-a] + lse(a), reverse_kl = E_q[a - b] + lse(b) - lse(a); S = sum_k q_k h_k is -1 for
-// the first two (h = -p/q) and E_q[a - b] for reverse_kl (its h in pointwise).
+// The loss and S from pass 1, with the maxima inside cross: forward_kl =
+// E_p[(b - m_b) - (a - m_a)] + log z_a - log z_b, soft_ce = E_p[-(a - m_a)] + log z_a,
+// reverse_kl = E_q[(a - m_a) - (b - m_b)] + log z_b - log z_a; S = sum_k q_k h_k is -1 for
+// the first two (h = -p/q) and E_q[log_ratio] for reverse_kl (its h in pointwise).
 template <int DIV>
 KD_HD RowSums loss_from_pass1(float cross, const RowLse& a, const RowLse& b) {
   RowSums r;
   if constexpr (DIV == FORWARD_KL) {
-    r.kd = cross / b.z + (a.m - b.m) + (a.log_z - b.log_z);
+    r.kd = cross / b.z + (a.log_z - b.log_z);
     r.qh_sum = -1.0f;
   } else if constexpr (DIV == SOFT_CE) {
-    r.kd = cross / b.z + a.m + a.log_z;
+    r.kd = cross / b.z + a.log_z;
     r.qh_sum = -1.0f;
   } else {
     static_assert(DIV == REVERSE_KL, "only forward_kl, soft_ce and reverse_kl finish in pass 1");
     r.qh_sum = cross / a.z;
-    r.kd = r.qh_sum + (b.m - a.m) + (b.log_z - a.log_z);
+    r.kd = r.qh_sum + (b.log_z - a.log_z);
   }
   return r;
 }

@@ -54,7 +54,7 @@ struct CpuKernels {
   void (*scale_rows)(void* grad, DType dtype, int64_t stride, const float* grad_output,
                      int64_t grad_output_stride, int64_t n_rows, int64_t V);
 };
-constexpr int kCpuKernelsAbi = 2;  // bump when KdRowsLaunch, KdRowsParams or this change
+constexpr int kCpuKernelsAbi = 3;  // bump when KdRowsLaunch, KdRowsParams or this change
 constexpr const char* kCpuKernelsCapsule = "fastkd.CpuKernels";
 
 }  // namespace fastkd

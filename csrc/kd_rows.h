@@ -92,8 +92,8 @@ inline KdRowsCall prepare_kd_rows(const at::Tensor& student, const at::Tensor& t
   call.reduction_factor = reduction_factor.to(student.device(), at::kFloat).reshape({});
   p.divergence = static_cast<int>(divergence);
   p.inv_t = static_cast<float>(1.0 / temperature);
-  p.mix = {static_cast<float>(mix_weight), static_cast<float>(std::log(mix_weight)),
-           static_cast<float>(std::log1p(-mix_weight))};
+  p.mix = {static_cast<float>(mix_weight), static_cast<float>(1.0 - mix_weight),
+           static_cast<float>(std::log(mix_weight)), static_cast<float>(std::log1p(-mix_weight))};
   p.kd_grad_coef = static_cast<float>(kd_grad_coef);
   p.ce_weight = static_cast<float>(ce_weight);
   p.ignore_index = ignore_index;
