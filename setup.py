@@ -124,6 +124,11 @@ def _extensions():
     # flags its own AVX-512 intrinsic headers (_mm512_undefined_*, GCC bug 105593) under
     # at::vec::maximum: neither is about fastkd's code.
     quiet = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
+    # No multiply-add contraction in the CPU kernels: GCC would fuse (s / T) - max into one
+    # FMA whose unrounded product no longer matches the rounded maximum it subtracts (a V = 1
+    # row's skew KL came out 2.8e-5 instead of 0), and results would move with the compiler.
+    # The fused multiply-adds that matter are explicit in at::vec's and Sleef's code.
+    exact = ["-ffp-contract=off"]
     include = [os.path.abspath(CSRC)]
     exts = []
     if build_cuda:
@@ -167,6 +172,7 @@ def _extensions():
                 extra_compile_args={
                     "cxx": opt
                     + quiet
+                    + exact
                     + openmp
                     + flags
                     + [

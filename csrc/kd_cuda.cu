@@ -292,8 +292,10 @@ __global__ void __launch_bounds__(kMaxTeam)
     float a[N], b[N], e_a[N], e_b[N];
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      a[k] = sv[k] * p.inv_t;
-      b[k] = tv[k] * p.inv_t;
+      // Rounded products (never fused into a later subtraction of the maximum, which was
+      // taken of these rounded values): a V = 1 row's divergence stays exactly 0.
+      a[k] = __fmul_rn(sv[k], p.inv_t);
+      b[k] = __fmul_rn(tv[k], p.inv_t);
     }
     const float z_side_old = cross_side<DIV>(lse_a.sum, lse_b.sum);
     const LseStep step_a = lse_a.step(a, e_a);
@@ -332,8 +334,8 @@ __global__ void __launch_bounds__(kMaxTeam)
     float q;
   };
   const auto entry = [&](float s, float t) {
-    const float a = s * p.inv_t;
-    const float b = t * p.inv_t;
+    const float a = __fmul_rn(s, p.inv_t);  // as in pass 1
+    const float b = __fmul_rn(t, p.inv_t);
     const float log_q = log_softmax(a, row_a);
     const float log_p = log_softmax(b, row_b);
     const float q = Ops<float>::exp(log_q);
