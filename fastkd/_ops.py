@@ -106,7 +106,63 @@ def _kd_loss_fake(student, teacher, labels, num_items_in_batch, compute_grad, *c
 @torch.library.register_kernel("fastkd::kd_loss_inplace", None, lib=_LIB)
 def _kd_loss_inplace(student, teacher, labels, num_items_in_batch, *config_args):
     config = KDConfig.from_op_args(config_args)
+    _check_inplace_memory(student, teacher)
     return _kd_forward(student, teacher, labels, num_items_in_batch, config, student)
+
+
+def _check_inplace_memory(student: Tensor, teacher: Tensor) -> None:
+    """The layouts the in-place op can write over, checked in the op with the tensors it is
+    given (eagerly, or at run time inside a compiled graph), before the kernel runs."""
+    V = student.shape[-1]
+    try:
+        rows = student.view(-1, V)
+    except RuntimeError:
+        rows = None
+    if rows is None or (rows.stride(1) != 1 and V > 1):
+        raise ValueError(
+            "inplace_backward=True writes the gradient over student_logits, whose rows must "
+            f"then be viewable as (N, V) with unit stride along V; got shape "
+            f"{tuple(student.shape)} and strides {student.stride()}"
+        )
+    # The kernels read a row and write its gradient in one program: memory that two rows
+    # share, or that the teacher reads elsewhere, would be read after it was overwritten.
+    if rows.shape[0] > 1 and rows.stride(0) < V:
+        raise ValueError(
+            "inplace_backward=True cannot write over student_logits whose rows overlap in "
+            f"memory (strides {student.stride()}, e.g. an expanded tensor); pass a copy or "
+            "inplace_backward=False"
+        )
+    if _memory_overlaps(student, teacher) and not _same_view(student, teacher):
+        raise ValueError(
+            "inplace_backward=True would overwrite teacher_logits while the kernel reads it: "
+            "student_logits and teacher_logits share memory without being the same view; "
+            "pass a copy of the teacher or inplace_backward=False"
+        )
+
+
+def _byte_range(x: Tensor) -> tuple[int, int]:
+    """[start, end) of the bytes x can touch in its storage."""
+    start = x.storage_offset() * x.element_size()
+    if x.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
+    return start, start + (last + 1) * x.element_size()
+
+
+def _memory_overlaps(a: Tensor, b: Tensor) -> bool:
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
+    return a0 < b1 and b0 < a1
+
+
+def _same_view(a: Tensor, b: Tensor) -> bool:
+    return (
+        a.dtype == b.dtype
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+    )
 
 
 @torch.library.register_fake("fastkd::kd_loss_inplace", lib=_LIB)

@@ -68,7 +68,7 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
         kd, ce = kd.detach(), None if ce is None else ce.detach()
     else:
         if config.inplace_backward and student_logits.requires_grad and torch.is_grad_enabled():
-            _check_inplace(student_logits, teacher)
+            _check_inplace_leaf(student_logits)
         loss, kd, ce = _ops.kd_loss_through_kernels(
             student_logits, teacher, labels, num_items, config
         )
@@ -79,64 +79,21 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
     return loss
 
 
-def _check_inplace(student: Tensor, teacher: Tensor) -> None:
-    if (student._base if student._is_view() else student).is_leaf:
+def _check_inplace_leaf(student: Tensor) -> None:
+    """PyTorch's rule for in-place operations, checked before anything is written. (The
+    memory layout checks run in the op itself, with the tensors it is given: see
+    _ops._check_inplace_memory.) Under torch.compile a view's base is not known, and a view
+    of a leaf is then left to the tracer."""
+    leaf = student.is_leaf
+    if not torch.compiler.is_compiling() and student._is_view():
+        leaf = leaf or student._base.is_leaf
+    if leaf:
         raise ValueError(
             "inplace_backward=True would overwrite student_logits, a leaf tensor that requires "
             "grad (an nn.Parameter, a tensor made with requires_grad=True, or a view of one), "
             "with its gradient: PyTorch refuses in-place operations on such leaves. Pass "
             "logits that a model computed, or inplace_backward=False"
         )
-    V = student.shape[-1]
-    try:
-        rows = student.view(-1, V)
-    except RuntimeError:
-        rows = None
-    if rows is None or (rows.stride(1) != 1 and V > 1):
-        raise ValueError(
-            "inplace_backward=True writes the gradient over student_logits, whose rows must "
-            f"then be viewable as (N, V) with unit stride along V; got shape "
-            f"{tuple(student.shape)} and strides {student.stride()}"
-        )
-    # The kernels read a row and write its gradient in one program: memory that two rows
-    # share, or that the teacher reads elsewhere, would be read after it was overwritten.
-    if rows.shape[0] > 1 and rows.stride(0) < V:
-        raise ValueError(
-            "inplace_backward=True cannot write over student_logits whose rows overlap in "
-            f"memory (strides {student.stride()}, e.g. an expanded tensor); pass a copy or "
-            "inplace_backward=False"
-        )
-    if _memory_overlaps(student, teacher) and not _same_view(student, teacher):
-        raise ValueError(
-            "inplace_backward=True would overwrite teacher_logits while the kernel reads it: "
-            "student_logits and teacher_logits share memory without being the same view; "
-            "pass a copy of the teacher or inplace_backward=False"
-        )
-
-
-def _byte_range(x: Tensor) -> tuple[int, int]:
-    """[start, end) of the bytes x can touch in its storage."""
-    start = x.storage_offset() * x.element_size()
-    if x.numel() == 0:
-        return start, start
-    last = sum((size - 1) * stride for size, stride in zip(x.shape, x.stride(), strict=True))
-    return start, start + (last + 1) * x.element_size()
-
-
-def _memory_overlaps(a: Tensor, b: Tensor) -> bool:
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
-    (a0, a1), (b0, b1) = _byte_range(a), _byte_range(b)
-    return a0 < b1 and b0 < a1
-
-
-def _same_view(a: Tensor, b: Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.storage_offset() == b.storage_offset()
-        and a.shape == b.shape
-        and a.stride() == b.stride()
-    )
 
 
 class KDLoss(nn.Module):
