@@ -96,6 +96,14 @@ def reference_loss(
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(compute_dtype)
     t = teacher_logits.detach().to(compute_dtype)
+    lead_shape = s.shape[:-1]
+    keep = torch.ones(lead_shape, dtype=torch.bool, device=s.device)
+    if labels is not None:
+        keep = labels != config.ignore_index
+        # An ignored row is 0 with a zero gradient whatever it holds: its logits are set
+        # aside here, so that a NaN in them cannot reach the gradient through the softmax.
+        s = torch.where(keep.unsqueeze(-1), s, 0.0)
+        t = torch.where(keep.unsqueeze(-1), t, 0.0)
     if softcap is not None:
         s = softcap * torch.tanh(s / softcap)
         t = softcap * torch.tanh(t / softcap)
@@ -106,18 +114,15 @@ def reference_loss(
         log_p, log_q, config.divergence, config.mix_weight, config.mix_weight
     )
     # A row with a NaN or +inf logit, or only -inf ones, has no distribution: its divergence
-    # and its gradient are NaN, whatever the masked sums above make of them (a product, not a
-    # sum, so that the NaN reaches the gradient too).
+    # and its gradient are NaN, whatever the masked sums above make of them. The NaN enters
+    # through a term that is 0 on every other row and depends on each finite student logit,
+    # so that the gradient gets it too (a masked sum would hand that row zeros).
     has_distributions = (
         torch.logsumexp(s / temperature, -1).isfinite()
         & torch.logsumexp(t / temperature, -1).isfinite()
     )
-    kd_per_row = kd_per_row * torch.where(has_distributions, 1.0, math.nan)
-
-    lead_shape = s.shape[:-1]
-    keep = torch.ones(lead_shape, dtype=torch.bool, device=s.device)
-    if labels is not None:
-        keep = labels != config.ignore_index
+    nan_rows = torch.where(has_distributions, 0.0, math.nan).unsqueeze(-1)
+    kd_per_row = kd_per_row + (nan_rows * torch.where(s.isfinite(), s, 0.0)).sum(-1)
 
     ce_per_row = None
     if config.has_ce:

@@ -326,7 +326,9 @@ def test_a_row_without_a_distribution_is_nan(target, divergence, case):
     assert out[3] == 0 and torch.count_nonzero(s.grad[3]) == 0
     good = [0, 2]
     torch.testing.assert_close(out[good].cpu().double(), ref[good], rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(s.grad[good].cpu().double(), s64.grad[good], rtol=1e-4, atol=1e-7)
+    # design.md §2's norm tolerance: an entry where q_j (h_j - S) nearly cancels can be 1e-3
+    # off relative to itself and 1e-7 absolute, for all kernels.
+    assert rel_err(s.grad[good], s64.grad[good]) <= GRAD_TOL[torch.float32]
 
 
 @pytest.mark.parametrize("inplace", [False, True])
