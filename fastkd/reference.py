@@ -63,7 +63,7 @@ def divergence_per_row(
     elif divergence == "hellinger":
         # Squared Hellinger: the square roots as exp(log / 2), 0 for masked entries and
         # finite in the gradient (no log of 0, no -inf - -inf); the sum of squares, never
-        # 1 - sum sqrt(p q), which cancels to nothing where p and q are close.
+        # 1 - sum sqrt(p q), which cancels where p and q are close.
         terms = 0.5 * ((0.5 * log_p).exp() - (0.5 * log_q).exp()) ** 2
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
