@@ -30,8 +30,9 @@ enum Divergence : int {
   SKEW_FORWARD_KL = 4,
   SKEW_REVERSE_KL = 5,
   TVD = 6,
+  HELLINGER = 7,
 };
-constexpr int kNumDivergences = 7;
+constexpr int kNumDivergences = 8;
 
 // True when pass 1 yields the loss through a carried cross term (design.md §3), so that the
 // gradient needs one more pass only.
@@ -238,6 +239,14 @@ KD_HD Terms<F> pointwise(F log_p, F log_q, F p, F q, F a_minus_b, const MixWeigh
     const Mixture<F> mx = mixture(F(mix.log_1mw - mix.log_w) + log_p - log_q);
     return {O::select(O::gt(q, zero), zero - q * (F(mix.log_w) + mx.softplus_pos), zero),
             O::select(O::gt(q, zero), q * (mx.sigmoid_pos - mx.softplus_pos), zero)};
+  } else if constexpr (DIV == HELLINGER) {
+    // D = 1/2 sum (sqrt p - sqrt q)^2, g = (1 - sqrt(p/q)) / 2, h = g - 1/2. The roots are
+    // exp(log / 2): 0 for masked entries (exp(-inf)), so no guard is needed. The square of
+    // the difference, not (p + q)/2 - sqrt(p q), whose terms cancel where p and q are close.
+    const F sqrt_p = O::exp(F(0.5f) * log_p);
+    const F sqrt_q = O::exp(F(0.5f) * log_q);
+    const F d = sqrt_p - sqrt_q;
+    return {F(0.5f) * d * d, F(-0.5f) * sqrt_p * sqrt_q};  // q h = -sqrt(p q) / 2
   } else {
     static_assert(DIV == TVD, "a divergence code without a row in the table");
     // g = sign(q - p) / 2; qh = q where q > p, -q where q < p

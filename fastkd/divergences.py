@@ -3,7 +3,8 @@
 Every backend reads this table: the Python API validates names and parameters against it,
 the Triton and C++ kernels receive ``code`` and switch on it.  Adding a divergence means a
 row here, its formula in ``reference.py`` (the spec), and its pointwise terms in the kernels'
-one shared table (``triton/kd_kernels.py:_pointwise``, ``csrc/kd_math.h``).
+one shared table (``triton/kd_kernels.py:_pointwise``, ``csrc/kd_math.h``): every place is
+listed in docs/adding_a_divergence.md.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ DIVERGENCES: dict[str, Divergence] = {
         Divergence("skew_forward_kl", 4, "alpha", False),
         Divergence("skew_reverse_kl", 5, "alpha", False),
         Divergence("tvd", 6, None, False),
+        Divergence("hellinger", 7, None, False),
     )
 }
 

@@ -108,8 +108,8 @@ class KDLoss(nn.Module):
         divergence ("forward_kl"): ``"forward_kl"`` KL(p||q), ``"soft_ce"`` -sum p log q,
             ``"reverse_kl"`` KL(q||p), ``"jsd"`` (generalised, weight ``beta``),
             ``"skew_forward_kl"`` and ``"skew_reverse_kl"`` (mixture weight ``alpha``),
-            ``"tvd"``; p is the teacher's distribution, q the student's, both at
-            temperature T.
+            ``"tvd"``, ``"hellinger"`` (squared, 1/2 sum (sqrt p - sqrt q)^2); p is the
+            teacher's distribution, q the student's, both at temperature T.
         temperature (1.0): T > 0; both logits are divided by it before the softmax.
         beta (0.5): the JSD weight, 0 < beta < 1 (TRL's meaning: m = beta p + (1 - beta) q).
         alpha (0.1): the skew weight, 0 < alpha < 1 (DistiLLM's meaning: KL(p || alpha p +

@@ -60,6 +60,11 @@ def divergence_per_row(
         terms = _xlogratio(q, log_q, _log_mixture(log_q, log_p, alpha))
     elif divergence == "tvd":
         terms = 0.5 * (p - q).abs()
+    elif divergence == "hellinger":
+        # Squared Hellinger: the square roots as exp(log / 2), 0 for masked entries and
+        # finite in the gradient (no log of 0, no -inf - -inf); the sum of squares, never
+        # 1 - sum sqrt(p q), which cancels where p and q are close.
+        terms = 0.5 * ((0.5 * log_p).exp() - (0.5 * log_q).exp()) ** 2
     else:
         raise ValueError(f"unknown divergence {divergence!r}")
     return terms.sum(-1)

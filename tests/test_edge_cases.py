@@ -86,6 +86,22 @@ def test_offset_logits_keep_float32_accuracy_per_row(target, divergence):
     assert per_row <= 1e-5, f"worst row's relative error {per_row:.2e}"
 
 
+def test_hellinger_near_the_teacher_keeps_float32_accuracy(target):
+    """A student close to its teacher (H^2 about 1e-3): the loss is summed as squares,
+    1/2 (sqrt p - sqrt q)^2, never as 1 - sum sqrt(p q), which cancels to 5e-4 relative
+    error per row here (docs/adding_a_divergence.md)."""
+    backend, device = target
+    gen = torch.Generator().manual_seed(0)
+    s = make_logits((4, 4096), torch.float32, "cpu", gen, scale=4.0)
+    t = s + 0.1 * torch.randn(s.shape, generator=gen)
+    opts = dict(divergence="hellinger", reduction="none", backend=backend)
+    loss, grad = _loss_and_grad(s.to(device), t.to(device), **opts)
+    ref, ref_grad = _reference(s, t, **opts)
+    per_row = ((loss.cpu().double() - ref).abs() / ref.abs()).max().item()
+    assert per_row <= 1e-5, f"worst row's relative error {per_row:.2e}"
+    assert rel_err(grad, ref_grad) <= 1e-5
+
+
 @pytest.mark.parametrize("divergence", fastkd.DIVERGENCES)
 def test_one_entry_vocabulary_is_zero(target, divergence):
     """With V = 1 both distributions are [1]: every divergence is 0, its gradient too."""

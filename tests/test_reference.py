@@ -118,8 +118,12 @@ def _design_gradient(divergence, log_p, log_q, w):
     elif divergence == "skew_reverse_kl":
         m = w * q + (1 - w) * p
         g = torch.log(q / m) + 1 - w * q / m
-    else:
+    elif divergence == "tvd":
         g = 0.5 * torch.sign(q - p)
+    elif divergence == "hellinger":
+        g = 0.5 * (1 - torch.sqrt(p / q))
+    else:
+        raise AssertionError(f"no hand-written gradient for {divergence!r}: add its g here")
     return q * (g - (q * g).sum(-1, keepdim=True))
 
 
@@ -172,6 +176,7 @@ def test_divergence_values_by_hand():
         "skew_forward_kl": kl(p, 0.4 * p + 0.6 * q),
         "skew_reverse_kl": kl(q, 0.4 * q + 0.6 * p),
         "tvd": torch.tensor(0.5, dtype=torch.float64),
+        "hellinger": 1 - (p * q).sqrt().sum(),  # 1 - the Bhattacharyya coefficient
     }
     for name, value in expected.items():
         got = divergence_per_row(log_p, log_q, name, beta=0.4, alpha=0.4)
@@ -203,7 +208,7 @@ def test_masked_mixture_has_finite_gradient():
     mask[:, 5:] = True
     s = s.masked_fill(mask, -math.inf).requires_grad_(True)
     t = t.masked_fill(mask, -math.inf)
-    for divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl", "reverse_kl"):
+    for divergence in ("jsd", "skew_forward_kl", "skew_reverse_kl", "reverse_kl", "hellinger"):
         loss, _, _ = fastkd.kd_loss_reference(s, t, divergence=divergence)
         (g,) = torch.autograd.grad(loss, s)
         assert torch.isfinite(g).all() and torch.all(g[mask] == 0), divergence

@@ -56,6 +56,8 @@ def divergence_rows(
         return F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
     if divergence == "tvd":
         return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+    if divergence == "hellinger":
+        return 0.5 * (log_p.exp().sqrt() - log_q.exp().sqrt()).pow(2).sum(-1)
     raise ValueError(f"no plain-PyTorch formula for divergence {divergence!r}")
 
 

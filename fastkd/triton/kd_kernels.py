@@ -116,6 +116,15 @@ def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, one_minus_w, log_w
         sp_pos, _, sig_pos, _ = _mixture(log_1mw - log_w + log_p - log_q)
         loss = tl.where(q > 0.0, -q * (log_w + sp_pos), 0.0)
         qh = tl.where(q > 0.0, q * (sig_pos - sp_pos), 0.0)
+    elif DIV == "hellinger":
+        # D = 1/2 sum (sqrt p - sqrt q)^2, g = (1 - sqrt(p/q)) / 2, h = g - 1/2. The roots
+        # are exp(log / 2): 0 for masked entries (exp(-inf)), so no guard is needed. The
+        # square of the difference, not (p + q)/2 - sqrt(p q), whose terms cancel where p
+        # and q are close.
+        sqrt_p = tl.exp(0.5 * log_p)
+        sqrt_q = tl.exp(0.5 * log_q)
+        loss = 0.5 * (sqrt_p - sqrt_q) * (sqrt_p - sqrt_q)
+        qh = -0.5 * sqrt_p * sqrt_q  # q h = -sqrt(p q) / 2
     else:
         tl.static_assert(DIV == "tvd", "a divergence of the table without a branch here")
         # g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
