@@ -2,8 +2,9 @@
 
 A backend is one :class:`Backend` entry: its name, the devices it runs on, an availability
 check, and its row kernels (the :class:`fastkd._rows.RowKernel` interface), imported on first
-use. ``"triton"`` (fastkd/triton), ``"cpu"`` and ``"cuda"`` (the compiled ops of csrc/, through
-fastkd/_extension.py) are kernel backends: float32 arithmetic behind fastkd's custom ops.
+use. ``"triton"`` (fastkd/triton), ``"cpu"`` and ``"cuda"`` (the compiled ops of csrc/:
+fastkd/_extension.py loads them, fastkd/_compiled_rows.py calls them) are kernel backends:
+float32 arithmetic behind fastkd's custom ops.
 ``"torch"`` is the spec (:mod:`fastkd.reference`): KDLoss runs it under autograd, and
 FusedLinearKDLoss runs it chunk by chunk through the same row interface
 (fastkd/_reference_rows.py).
@@ -77,12 +78,12 @@ REGISTRY: dict[str, Backend] = {
         Backend(
             "cuda", ("cuda",),
             _compiled_available("cuda", _extension.cuda_available, "CUDA kernel"),
-            "fastkd._extension", True,
+            "fastkd._compiled_rows", True,
         ),
         Backend(
             "cpu", ("cpu",),
             _compiled_available("cpu", _extension.cpu_available, "C++ CPU kernel"),
-            "fastkd._extension", True,
+            "fastkd._compiled_rows", True,
         ),
         Backend("torch", ("cpu", "cuda"), lambda device: (True, ""), "fastkd._reference_rows",
                 False),

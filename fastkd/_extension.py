@@ -7,8 +7,8 @@ runs (csrc/kd_cpu.cpp, built once per instruction set), which :func:`_load` hand
 ``_C``. When ``_C`` is missing or fails to load, fastkd warns once and runs on Triton and the
 reference; the ``"cpu"`` and ``"cuda"`` backends are then unavailable, with the reason.
 
-:func:`row_kernel` and :func:`scale_rows_` implement the row interface of fastkd/_rows.py,
-as the Triton kernels do, so fastkd/_ops.py runs either behind the same custom ops.
+fastkd/_compiled_rows.py puts the ops behind the row interface of fastkd/_rows.py, as the
+Triton kernels are.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ import warnings
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
-from ._rows import RowArgs, RowLosses
-from .divergences import DIVERGENCES
 
 REBUILD_HINT = (
     "rebuild it with `pip install --no-build-isolation -e .` (or `python setup.py build_ext "
@@ -130,30 +126,6 @@ def build_info() -> dict:
     compiled["cuda_archs"] = [a for a in compiled["cuda_archs"].split("__") if a]
     info.update(compiled)
     return info
-
-
-def row_kernel(rows: RowArgs) -> RowLosses:
-    """The fastkd._rows interface on the op fastkd::kd_rows (CPU or CUDA by the tensors)."""
-    config = rows.config
-    kd_per_row, ce_per_row = torch.ops.fastkd.kd_rows(
-        rows.student,
-        rows.teacher,
-        rows.labels,
-        rows.grad,
-        rows.reduction_factor,
-        DIVERGENCES[config.divergence].code,
-        config.temperature,
-        config.mix_weight,
-        config.softcap,
-        config.kd_grad_coef,
-        config.ce_weight,
-        config.ignore_index,
-    )
-    return RowLosses(kd_per_row, ce_per_row)
-
-
-def scale_rows_(grad: Tensor, grad_output: Tensor) -> None:
-    torch.ops.fastkd.scale_rows_(grad, grad_output)
 
 
 def _register_fakes() -> None:
