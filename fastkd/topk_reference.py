@@ -1,0 +1,333 @@
+"""The spec of the top-k loss (design.md §4) in plain PyTorch: readable, materialising, autograd.
+
+A teacher seen only through its top-k (token id, log-probability) pairs, a :class:`TopKTeacher`,
+against a student's full logits. This is the oracle the top-k kernels are tested against (run
+it on float64 inputs); autograd through it is the gradient oracle. Like
+:func:`fastkd.kd_loss_reference` it computes in float32 for float32/bfloat16/float16 student
+logits and in float64 for float64 ones (the teacher's log-probabilities are cast to that).
+
+Per row, with S the row's support (its unpadded ids) and ℓ its stored log-probabilities:
+
+1. teacher over S: ℓ ← ℓ·T_g/T when ``teacher_temperature`` T_g differs from T; then
+   ``raw``: log p_i = ℓ_i, or ``renormalize``: log p_i = ℓ_i − lse_S(ℓ);
+   ``topk_tail="bucket"`` (raw only) adds log p_tail = log(−expm1(lse_S(ℓ))), 0 mass when
+   lse_S(ℓ) ≥ 0;
+2. student, a = softcap(s)/T: ``full``: log q_i = a_{id_i} − lse_V(a), and the tail entry
+   log q_tail = lse_{j∉S}(a_j) − lse_V(a) from the entries outside S; ``topk``:
+   log q_i = a_{id_i} − lse_S(a_S);
+3. D = the divergence table of :func:`fastkd.reference.divergence_per_row` over those
+   vectors (padding enters both as −inf, which the table drops), and
+   L = kd_weight·T²·D + ce_weight·CE, reduced as in :func:`fastkd.kd_loss_reference`.
+
+Choices where design.md §4 is silent (the kernels must match them):
+
+- A tail entry whose teacher mass is 0 is absent from D (its q_tail too), for every
+  divergence: "an entry with p = 0 contributes 0". That happens when lse_S(ℓ) ≥ 0, and when
+  S covers the whole vocabulary (there is nothing outside S, whatever rounding leaves of
+  1 − Σ e^ℓ). Without it reverse_kl, jsd, tvd... would charge the student's q_tail against a
+  teacher mass that rounding, not the teacher, set to 0.
+- A row whose support is empty (every pair padding) has D = 0 and no KD gradient: the
+  teacher says nothing about it. It still counts in ``mean`` (its CE, if any, is kept) like
+  any row whose label is not ignored. With the bucket tail this is what the formulas give
+  anyway (p_tail = q_tail = 1); the kernels get it by accumulating over no pairs.
+- A row "has no distribution" (D and its gradient NaN, as in kd_loss_reference) when the
+  student's normaliser is not finite (lse_V(a) for ``full``; lse_S(a_S) for ``topk`` with
+  a non-empty support), or when one of its real pairs has a NaN or +inf log-probability. A
+  NaN log-probability is a real pair here, not padding: only ``mask`` False and −inf pad.
+- The ids of padding pairs are never read: they may hold anything (−1, repeats). The ids of
+  real pairs are checked on every row, ignored ones included (they are the input's
+  contract, not the loss's).
+- The teacher's log-probabilities are not soft-capped (``softcap`` applies to the student;
+  a producer soft-caps before its top-k, as design.md §4's ``topk_logprobs`` does).
+- Nothing is smoothed: a tail mass p_tail > 0 (even a rounding residue of 1e-16) against a
+  student with nothing outside S (−inf logits there) is D = +inf for forward_kl and soft_ce,
+  as the dense loss is where the student has −inf and the teacher mass; the gradient stays
+  finite. Student ``topk`` with a raw teacher is allowed (design.md lists no rule against
+  it; MaxText issue 4056 is the pitfall it invites).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from typing_extensions import Unpack
+
+from ._config import (
+    KDConfig,
+    KDOptions,
+    check_float_tensor,
+    check_labels,
+    check_num_items,
+    check_number,
+    check_values,
+)
+from .reference import divergence_per_row
+from .topk import STUDENT_NORMALIZATIONS, TEACHER_NORMALIZATIONS, TOPK_TAILS, TopKTeacher
+
+
+@dataclass(frozen=True)
+class TopKConfig:
+    """The top-k options of one loss, validated against its :class:`KDConfig`.
+
+    ``teacher_logprob_scale`` is T_g/T, the factor on the stored log-probabilities (1.0 when
+    ``teacher_temperature`` is None or equals T).
+    """
+
+    teacher_normalization: str
+    student_normalization: str
+    topk_tail: str
+    teacher_logprob_scale: float
+
+    @classmethod
+    def from_options(
+        cls,
+        config: KDConfig,
+        teacher_normalization: str = "raw",
+        student_normalization: str = "full",
+        topk_tail: str = "none",
+        teacher_temperature: float | None = None,
+    ) -> TopKConfig:
+        for name, value, allowed in (
+            ("teacher_normalization", teacher_normalization, TEACHER_NORMALIZATIONS),
+            ("student_normalization", student_normalization, STUDENT_NORMALIZATIONS),
+            ("topk_tail", topk_tail, TOPK_TAILS),
+        ):
+            if not isinstance(value, str) or value not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+        if topk_tail == "bucket" and teacher_normalization != "raw":
+            raise ValueError(
+                "topk_tail='bucket' needs teacher_normalization='raw': the tail is the mass "
+                "the raw top-k leaves out, and a renormalised teacher leaves none"
+            )
+        if topk_tail == "bucket" and student_normalization != "full":
+            raise ValueError(
+                "topk_tail='bucket' needs student_normalization='full': a student "
+                "normalised over the top-k has no mass outside it"
+            )
+        scale = 1.0
+        if teacher_temperature is not None:
+            t_g = check_number("teacher_temperature", teacher_temperature, positive=True)
+            if t_g != config.temperature:
+                if teacher_normalization != "renormalize" or topk_tail != "none":
+                    raise ValueError(
+                        f"teacher_temperature={t_g!r} differs from temperature="
+                        f"{config.temperature!r}: the log-probabilities are rescaled by "
+                        "T_g/T and are no longer normalised over the vocabulary, so this "
+                        "needs teacher_normalization='renormalize' and topk_tail='none'"
+                    )
+                scale = t_g / config.temperature
+        return cls(teacher_normalization, student_normalization, topk_tail, scale)
+
+
+def topk_loss_reference(
+    student_logits: Tensor,
+    teacher: TopKTeacher,
+    labels: Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    teacher_normalization: str = "raw",
+    student_normalization: str = "full",
+    topk_tail: str = "none",
+    teacher_temperature: float | None = None,
+    num_items_in_batch: int | float | Tensor | None = None,
+    **options: Unpack[KDOptions],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Returns (loss, kd, ce), each reduced, with loss = kd_weight * kd + ce_weight * ce.
+
+    kd is T^2 * D (or D when scale_by_temperature_squared is False) with D over the top-k
+    support (design.md §4); ce is None when ce_weight is 0. ``options`` are the KDOptions
+    (``backend`` and ``inplace_backward`` are accepted and ignored). Every argument is
+    checked: a clear error naming it.
+    """
+    config = KDConfig.from_options(divergence, **options)
+    topk = TopKConfig.from_options(
+        config, teacher_normalization, student_normalization, topk_tail, teacher_temperature
+    )
+    check_topk_inputs(student_logits, teacher)
+    check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
+                 student_logits.device, config)  # fmt: skip
+    num_items = check_num_items(num_items_in_batch, student_logits.device)
+    return topk_reference_loss(student_logits, teacher, labels, num_items, config, topk)
+
+
+def check_topk_inputs(student_logits: Tensor, teacher: TopKTeacher) -> None:
+    """The student logits (..., V) and a TopKTeacher (..., K) that fits them: K <= V, real
+    ids in [0, V) and distinct within their row (at once on CPU, with the op elsewhere)."""
+    check_float_tensor("student_logits", student_logits)
+    if student_logits.dim() == 0:
+        raise ValueError("student_logits must have a vocabulary dimension, got a 0-d tensor")
+    V = student_logits.shape[-1]
+    if V == 0:
+        raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    if not isinstance(teacher, TopKTeacher):
+        raise TypeError(f"teacher must be a fastkd TopKTeacher, got {type(teacher).__name__}")
+    if teacher.lead_shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"teacher.token_ids (..., K) must have the student_logits' leading shape "
+            f"{tuple(student_logits.shape[:-1])}, got {tuple(teacher.token_ids.shape)}"
+        )
+    if teacher.token_ids.device != student_logits.device:
+        raise ValueError(
+            f"teacher and student_logits must be on one device, got "
+            f"{teacher.token_ids.device} and {student_logits.device}"
+        )
+    if teacher.k > V:
+        raise ValueError(
+            f"teacher has K = {teacher.k} pairs per row, more than the vocabulary V = {V}"
+        )
+    live = _live_pairs(teacher)
+    ids = teacher.token_ids
+    check_values(
+        ~live | ((ids >= 0) & (ids < V)),
+        f"teacher.token_ids must lie in [0, {V}) (the student's vocabulary) on every pair "
+        f"that is not padding",
+    )
+    counts = _support_counts(ids, live, V)
+    check_values(
+        counts <= 1, "teacher.token_ids must be distinct within a row (among unpadded pairs)"
+    )
+
+
+def _live_pairs(teacher: TopKTeacher) -> Tensor:
+    """(..., K) bool: the real pairs. Padding is mask False or a logprob of −inf; a NaN
+    logprob is a real pair (its row is then NaN), unlike TopKTeacher.valid()."""
+    live = teacher.logprobs != -math.inf
+    return live if teacher.mask is None else live & teacher.mask
+
+
+def _support_counts(ids: Tensor, live: Tensor, V: int) -> Tensor:
+    """(..., V) int: how many real pairs of the row name each token (padding names none)."""
+    safe_ids = torch.where(live, ids, 0).long()
+    counts = torch.zeros((*ids.shape[:-1], V), dtype=torch.int32, device=ids.device)
+    return counts.scatter_add_(-1, safe_ids, live.to(torch.int32))
+
+
+def _masked_lse(x: Tensor, keep: Tensor) -> Tensor:
+    """lse over the entries where ``keep``; -inf where none is kept or all of them are -inf.
+
+    Its gradient reaches no entry of ``x`` that is not kept or is -inf, finite or not: the
+    logsumexp of only -inf has a NaN gradient, and it stays on the constants of the where.
+    """
+    return torch.logsumexp(torch.where(keep & (x != -math.inf), x, -math.inf), -1)
+
+
+def topk_support_log_probs(
+    student_logits: Tensor,
+    teacher: TopKTeacher,
+    config: KDConfig,
+    topk: TopKConfig,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(log_p, log_q, nan_rows): the teacher's and the student's log-probabilities over the
+    support, (..., K) or (..., K + 1) with the tail last; padding (and an absent tail) is
+    −inf in both. ``nan_rows`` (...) is True on rows without a distribution. Rows where
+    ``keep`` is False are set aside (no pair, student logits 0)."""
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(compute_dtype)
+    V = s.shape[-1]
+    live = _live_pairs(teacher)
+    if keep is not None:
+        s = torch.where(keep.unsqueeze(-1), s, 0.0)
+        live = live & keep.unsqueeze(-1)
+    has_support = live.any(-1)
+    if config.softcap is not None:
+        s = config.softcap * torch.tanh(s / config.softcap)
+    a = s / config.temperature
+
+    # The teacher: a constant, its padding -inf.
+    ell = teacher.logprobs.detach().to(compute_dtype)
+    bad_teacher = (live & ~ell.isfinite()).any(-1)  # NaN or +inf on a real pair
+    ell = torch.where(live, ell * topk.teacher_logprob_scale, -math.inf)
+    lse_ell = _masked_lse(ell, live)
+    if topk.teacher_normalization == "renormalize":
+        log_p = torch.where(live, ell - lse_ell.unsqueeze(-1), -math.inf)
+    else:
+        log_p = ell
+
+    # The student at the support's ids (padding ids are never read).
+    safe_ids = torch.where(live, teacher.token_ids, 0).long()
+    a_S = a.gather(-1, safe_ids)
+    if topk.student_normalization == "topk":
+        lse_q = _masked_lse(a_S, live)
+        bad_student = ~lse_q.isfinite() & has_support
+        lse_q = torch.where(lse_q.isfinite(), lse_q, 0.0)
+    else:
+        lse_q = torch.logsumexp(a, -1)
+        bad_student = ~lse_q.isfinite()
+    log_q = torch.where(live, a_S - lse_q.unsqueeze(-1), -math.inf)
+
+    if topk.topk_tail == "bucket":
+        # p_tail = 1 - sum_S e^l, in log space without the cancellation; 0 once rounding
+        # pushes the sum to 1 or past it, and when S is the whole vocabulary.
+        log_p_tail = torch.log(-torch.expm1(lse_ell.clamp(max=0.0)))
+        covers_vocab = live.sum(-1) == V
+        has_tail = (log_p_tail > -math.inf) & ~covers_vocab
+        log_p_tail = torch.where(has_tail, log_p_tail, -math.inf)
+        # q_tail from the entries outside S, never 1 - sum_S q (it cancels to 0 or below).
+        outside = _support_counts(teacher.token_ids, live, V) == 0
+        lse_outside = _masked_lse(a, outside)
+        log_q_tail = torch.where(has_tail, lse_outside - lse_q, -math.inf)
+        log_p = torch.cat([log_p, log_p_tail.unsqueeze(-1)], -1)
+        log_q = torch.cat([log_q, log_q_tail.unsqueeze(-1)], -1)
+    return log_p, log_q, bad_teacher | bad_student
+
+
+def topk_reference_loss(
+    student_logits: Tensor,
+    teacher: TopKTeacher,
+    labels: Tensor | None,
+    num_items_in_batch: Tensor | None,
+    config: KDConfig,
+    topk: TopKConfig,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """:func:`topk_loss_reference` with its options in configs and its inputs checked
+    (``num_items_in_batch`` as :func:`fastkd._config.check_num_items` returns it)."""
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(compute_dtype)
+    lead_shape = s.shape[:-1]
+    keep = torch.ones(lead_shape, dtype=torch.bool, device=s.device)
+    if labels is not None:
+        keep = labels != config.ignore_index
+        # An ignored row is 0 with a zero gradient whatever it holds (kd_loss_reference).
+        s = torch.where(keep.unsqueeze(-1), s, 0.0)
+
+    log_p, log_q, nan_rows = topk_support_log_probs(s, teacher, config, topk, keep)
+    kd_per_row = config.t_squared * divergence_per_row(
+        log_p, log_q, config.divergence, config.mix_weight, config.mix_weight
+    )
+    # A row without a distribution: NaN in D and in the gradient of each finite logit, as in
+    # kd_loss_reference (a term that is 0 on every other row).
+    nan_term = torch.where(nan_rows, math.nan, 0.0).unsqueeze(-1)
+    kd_per_row = kd_per_row + (nan_term * torch.where(s.isfinite(), s, 0.0)).sum(-1)
+
+    ce_per_row = None
+    if config.has_ce:
+        if config.softcap is not None:
+            s = config.softcap * torch.tanh(s / config.softcap)
+        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
+        ce_per_row = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels).squeeze(-1)
+
+    # The reduction of kd_loss_reference (fastkd/reference.py keeps it in a closure; these
+    # lines are its copy until it is a shared helper).
+    def reduce(rows: Tensor) -> Tensor:
+        rows = torch.where(keep, rows, 0.0)
+        if config.reduction == "none":
+            return rows
+        total = rows.sum()
+        if config.reduction == "sum":
+            return total
+        if config.reduction == "batchmean":
+            size0 = student_logits.shape[0] if student_logits.dim() > 0 else 1
+            return total / max(size0, 1)
+        denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
+        denominator = denominator.to(compute_dtype)
+        # An exact 0 (no row kept, so a sum of 0) divides by 1; every other count as given.
+        return total / torch.where(denominator == 0, 1.0, denominator)
+
+    kd = reduce(kd_per_row)
+    ce = None if ce_per_row is None else reduce(ce_per_row)
+    loss = config.kd_weight * kd + (config.ce_weight * ce if ce is not None else 0.0)
+    return loss, kd, ce
