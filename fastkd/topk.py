@@ -68,7 +68,8 @@ class TopKTeacher:
 
     def valid(self) -> Tensor:
         """(..., K) bool: the pairs that are real (mask, and a logprob above -inf)."""
-        live = self.logprobs > -torch.inf
+        # NaN is not padding: a NaN logprob makes its row NaN (only mask and -inf pad).
+        live = self.logprobs != -torch.inf
         return live if self.mask is None else live & self.mask
 
     def detach(self) -> TopKTeacher:
