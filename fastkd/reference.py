@@ -134,6 +134,22 @@ def reference_loss(
         safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
         ce_per_row = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels).squeeze(-1)
 
+    return reduce_reference(
+        student_logits, kd_per_row, ce_per_row, keep, num_items_in_batch, config
+    )
+
+
+def reduce_reference(
+    student_logits: Tensor,
+    kd_per_row: Tensor,
+    ce_per_row: Tensor | None,
+    keep: Tensor,
+    num_items_in_batch: int | float | Tensor | None,
+    config: KDConfig,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(loss, kd, ce) from the rows' losses: design.md §1's reductions over the kept rows."""
+    compute_dtype = kd_per_row.dtype
+
     def reduce(rows: Tensor) -> Tensor:
         rows = torch.where(keep, rows, 0.0)
         if config.reduction == "none":
@@ -145,7 +161,7 @@ def reference_loss(
             size0 = student_logits.shape[0] if student_logits.dim() > 0 else 1
             return total / max(size0, 1)
         if num_items_in_batch is not None:
-            denominator = torch.as_tensor(num_items_in_batch, device=s.device)
+            denominator = torch.as_tensor(num_items_in_batch, device=rows.device)
         else:
             denominator = keep.sum()
         denominator = denominator.to(compute_dtype)

@@ -64,7 +64,7 @@ from ._config import (
     check_number,
     check_values,
 )
-from .reference import divergence_per_row
+from .reference import divergence_per_row, reduce_reference
 from .topk import STUDENT_NORMALIZATIONS, TEACHER_NORMALIZATIONS, TOPK_TAILS, TopKTeacher
 
 
@@ -310,24 +310,6 @@ def topk_reference_loss(
         safe_labels = torch.where(keep, labels, 0).long().unsqueeze(-1)
         ce_per_row = torch.logsumexp(s, dim=-1) - s.gather(-1, safe_labels).squeeze(-1)
 
-    # The reduction of kd_loss_reference (fastkd/reference.py keeps it in a closure; these
-    # lines are its copy until it is a shared helper).
-    def reduce(rows: Tensor) -> Tensor:
-        rows = torch.where(keep, rows, 0.0)
-        if config.reduction == "none":
-            return rows
-        total = rows.sum()
-        if config.reduction == "sum":
-            return total
-        if config.reduction == "batchmean":
-            size0 = student_logits.shape[0] if student_logits.dim() > 0 else 1
-            return total / max(size0, 1)
-        denominator = keep.sum() if num_items_in_batch is None else num_items_in_batch
-        denominator = denominator.to(compute_dtype)
-        # An exact 0 (no row kept, so a sum of 0) divides by 1; every other count as given.
-        return total / torch.where(denominator == 0, 1.0, denominator)
-
-    kd = reduce(kd_per_row)
-    ce = None if ce_per_row is None else reduce(ce_per_row)
-    loss = config.kd_weight * kd + (config.ce_weight * ce if ce is not None else 0.0)
-    return loss, kd, ce
+    return reduce_reference(
+        student_logits, kd_per_row, ce_per_row, keep, num_items_in_batch, config
+    )
