@@ -112,8 +112,9 @@ for div in DIVERGENCES.values():
 
 
 # Found by this test on its first run (Triton 3.8, sm_90, the full variant, BLOCK 4096): the
-# Triton row kernel spills (spill stores: jsd 16 B, skew_forward_kl 8, skew_reverse_kl 8, tvd 4). fastkd/triton/kd_kernels.py is
-# to be fixed; strict, so that the fix turns this into a failure to remove the mark.
+# Triton row kernel spills (spill stores: jsd 16 B, skew_forward_kl 8, skew_reverse_kl 8,
+# tvd 4). fastkd/triton/kd_kernels.py is to be fixed; strict, so that the fix turns this into
+# a failure that says to remove the mark.
 @pytest.mark.xfail(strict=True, reason="Triton kd_row_kernel spills on sm_90 (jsd, 16 B)")
 def test_triton_row_kernel_does_not_spill(tmp_path):
     pytest.importorskip("triton")
@@ -139,6 +140,8 @@ def test_triton_row_kernel_does_not_spill(tmp_path):
         kernels = parse_ptxas(r["log"])
         assert kernels, f"no ptxas -v log from Triton for {r['divergence']}: {r['log'][-2000:]}"
         for name, (regs, spill_st, spill_ld) in kernels.items():
-            print(f"triton sm_90 {r['divergence']}: {regs} registers, spills {spill_st}/{spill_ld} B")
+            print(
+                f"triton sm_90 {r['divergence']}: {regs} registers, spills {spill_st}/{spill_ld} B"
+            )
     spilled = [(r["divergence"], parse_ptxas(r["log"])) for r in results]
     assert all(st == 0 for _, k in spilled for (_, st, _) in k.values()), spilled
