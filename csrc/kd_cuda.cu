@@ -4,8 +4,9 @@
 //
 // A team of threads walks one row: a whole block (64..512 threads) when the row is long, or a
 // single warp, several rows to a block, when it is short. Each thread reads packs of 8
-// entries (one 16-byte load of bf16/fp16, two of fp32) and keeps its own online softmax;
-// teams combine them with warp shuffles, then through shared memory across the block's warps.
+// entries (one 16-byte load of bf16/fp16, two of fp32; 4 entries in pass 2, for registers)
+// and keeps its own online softmax; teams combine them with warp shuffles, then through
+// shared memory across the block's warps.
 // The entries before the first aligned pack and after the last one are read one at a time;
 // so is a whole row whose student, teacher and gradient rows cannot be aligned together.
 //
@@ -331,9 +332,10 @@ __global__ void __launch_bounds__(kMaxTeam, kMinBlocksPerSm)
   };
   for_row([&](int, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
-    // The cross term's divergences step over half a pack at a time: their a, b, e_a and e_b
-    // of 8 entries at once do not fit 64 registers (__launch_bounds__ below). The 16-byte
-    // loads stay; a half step costs one more rescale (two exps) per 8 entries.
+    // Online-softmax steps over half a pack: a, b, e_a, e_b (and the cross term's operands)
+    // of 8 entries at once do not fit 64 registers (__launch_bounds__ above) with the CE
+    // softmax of s beside them. The 16-byte loads stay; a half step costs one more rescale
+    // (two or three exps) per 8 entries.
     constexpr int H = N == kPack ? kPack / 2 : N;
 #pragma unroll
     for (int h = 0; h < N; h += H) {
@@ -470,8 +472,9 @@ int team_size(int64_t V) {
 cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream) {
   const KdRowsParams& p = args.p;
   if (p.n_rows == 0) return cudaSuccess;
-  // In-row indices are 32-bit (two registers fewer each); row offsets stay 64-bit.
-  if (p.V > 0x7fffffff) return cudaErrorInvalidValue;
+  // In-row indices are 32-bit (a register fewer each), with room for the last step of a
+  // team's stride; row offsets stay 64-bit. The Triton kernel takes V as int32 too.
+  if (p.V > 0x7fffffff - kMaxTeam) return cudaErrorInvalidValue;
   const int team = team_size(p.V);
   const int rows_per_block = team == kWarp ? kRowsPerWarpBlock : 1;
   const int64_t n_blocks = (p.n_rows + rows_per_block - 1) / rows_per_block;

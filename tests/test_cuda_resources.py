@@ -115,7 +115,7 @@ for div in DIVERGENCES.values():
 # Triton row kernel spills (spill stores: jsd 16 B, skew_forward_kl 8, skew_reverse_kl 8,
 # tvd 4). fastkd/triton/kd_kernels.py is to be fixed; strict, so that the fix turns this into
 # a failure that says to remove the mark.
-@pytest.mark.xfail(strict=True, reason="Triton kd_row_kernel spills on sm_90 (jsd, 16 B)")
+@pytest.mark.xfail(strict=True, reason="Triton kd_row_kernel spills on sm_90 (jsd, skew KLs, tvd)")
 def test_triton_row_kernel_does_not_spill(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
