@@ -4,8 +4,9 @@
 //
 // A team of threads walks one row: a whole block (64..512 threads) when the row is long, or a
 // single warp, several rows to a block, when it is short. Each thread reads packs of 8
-// entries (one 16-byte load of bf16/fp16, two of fp32) and keeps its own online softmax;
-// teams combine them with warp shuffles, then through shared memory across the block's warps.
+// entries (one 16-byte load of bf16/fp16, two of fp32; 4 entries in pass 2, for registers)
+// and keeps its own online softmax; teams combine them with warp shuffles, then through
+// shared memory across the block's warps.
 // The entries before the first aligned pack and after the last one are read one at a time;
 // so is a whole row whose student, teacher and gradient rows cannot be aligned together.
 //
@@ -38,7 +39,11 @@ namespace fastkd {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr int kMaxTeam = 512;  // threads per row at most; 128 registers a thread at full block
+constexpr int kMaxTeam = 512;  // threads per row at most
+// Blocks of kMaxTeam threads resident per SM: __launch_bounds__ caps the row kernels at
+// 64 registers a thread (65536 / (512 * 2)); tests/test_cuda_resources.py checks that they
+// fit without spilling.
+constexpr int kMinBlocksPerSm = 2;
 constexpr int kMaxWarps = kMaxTeam / kWarp;
 constexpr int kRowsPerWarpBlock = 8;  // rows per block when a warp walks a row
 constexpr int kPack = 8;              // entries per pack
@@ -67,6 +72,9 @@ struct Conv16 {
 };
 template <class H>
 using Pair16 = std::conditional_t<std::is_same_v<H, __half>, __half2, __nv_bfloat162>;
+// The one aligned access of N 16-bit entries: 16 bytes for 8, 8 bytes for 4.
+template <int N>
+using Raw16 = std::conditional_t<N == 8, uint4, uint2>;
 
 template <class H, int N>
 __device__ __forceinline__ void load_16bit(const void* row, int64_t i, float (&out)[N]) {
@@ -74,11 +82,11 @@ __device__ __forceinline__ void load_16bit(const void* row, int64_t i, float (&o
   if constexpr (N == 1) {
     out[0] = Conv16::to_float(*p);
   } else {
-    static_assert(N == 8, "a pack of 16-bit entries is one 16-byte load");
-    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    static_assert(N == 8 || N == 4, "a pack of 16-bit entries is one 16- or 8-byte load");
+    const Raw16<N> raw = *reinterpret_cast<const Raw16<N>*>(p);
     const auto* pairs = reinterpret_cast<const Pair16<H>*>(&raw);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) {
+    for (int k = 0; k < N / 2; ++k) {
       const float2 f = Conv16::to_float2(pairs[k]);
       out[2 * k] = f.x;
       out[2 * k + 1] = f.y;
@@ -92,11 +100,12 @@ __device__ __forceinline__ void store_16bit(void* row, int64_t i, const float (&
   if constexpr (N == 1) {
     Conv16::round(in[0], *p);
   } else {
-    uint4 raw;
+    static_assert(N == 8 || N == 4, "a pack of 16-bit entries is one 16- or 8-byte store");
+    Raw16<N> raw;
     auto* pairs = reinterpret_cast<Pair16<H>*>(&raw);
 #pragma unroll
-    for (int k = 0; k < 4; ++k) Conv16::round2(in[2 * k], in[2 * k + 1], pairs[k]);
-    *reinterpret_cast<uint4*>(p) = raw;
+    for (int k = 0; k < N / 2; ++k) Conv16::round2(in[2 * k], in[2 * k + 1], pairs[k]);
+    *reinterpret_cast<Raw16<N>*>(p) = raw;
   }
 }
 
@@ -214,7 +223,7 @@ struct OnlineLse {
 
 template <int DIV>
 // __grid_constant__: the parameters are read in place, never copied to local memory.
-__global__ void __launch_bounds__(kMaxTeam)
+__global__ void __launch_bounds__(kMaxTeam, kMinBlocksPerSm)
     kd_rows_kernel(const __grid_constant__ KdRowsLaunch args) {
   __shared__ float smem[4 * kMaxWarps];  // team_reduce of up to 4 values
   const KdRowsParams& p = args.p;
@@ -222,7 +231,7 @@ __global__ void __launch_bounds__(kMaxTeam)
   if (row >= p.n_rows) return;  // only in warp-per-row blocks, which never sync the block
   const int tid = threadIdx.x;
   const int team = blockDim.x;
-  const int64_t V = p.V;
+  const int V = static_cast<int>(p.V);  // entries of a row index in 32 bits (launch_kd_rows)
   const DType s_dt = args.s_dtype;
   const DType t_dt = args.t_dtype;
   const void* s_row = static_cast<const char*>(args.s) + row * args.s_stride * elem_size(s_dt);
@@ -242,7 +251,7 @@ __global__ void __launch_bounds__(kMaxTeam)
 
   // Entries [0, head) and [tail, V) one at a time, [head, tail) in packs: head is the first
   // entry where the student, teacher and gradient rows all allow 16-byte accesses.
-  int64_t head = V;
+  int head = V;
   for (int h = 0; h < kPack && h < V; ++h) {
     if (aligned16(s_row, s_dt, h) && aligned16(t_row, t_dt, h) &&
         (!g_row || aligned16(g_row, s_dt, h))) {
@@ -250,12 +259,17 @@ __global__ void __launch_bounds__(kMaxTeam)
       break;
     }
   }
-  const int64_t n_packs = (V - head) / kPack;
-  const int64_t tail = head + n_packs * kPack;
+  const int n_packs = (V - head) / kPack;
+  const int tail = head + n_packs * kPack;
 
-  // Calls visit(i, s[N], t[N]) on every entry this thread owns, soft-capped, in float32.
-  const auto for_row = [&](const auto& visit) {
-    const auto one = [&](int64_t i, auto n_const) {
+  // Calls visit(i, s[N], t[N]) on every entry this thread owns, soft-capped, in float32;
+  // [head, tail) in packs of `pack` entries: kPack, or half of it for pass 2 (an 8-byte
+  // load of 16-bit entries), whose per-entry work with 8 entries in flight does not fit 64
+  // registers (__launch_bounds__ above) for every divergence.
+  const auto for_row = [&](const auto& visit, auto pack_const) {
+    constexpr int P = decltype(pack_const)::value;
+    static_assert(kPack % P == 0, "a pack divides the aligned packs of kPack");
+    const auto one = [&](int i, auto n_const) {
       constexpr int N = decltype(n_const)::value;
       float sv[N], tv[N];
       load_f32<N>(s_row, s_dt, i, sv);
@@ -270,10 +284,11 @@ __global__ void __launch_bounds__(kMaxTeam)
       visit(i, sv, tv);
     };
     using One = std::integral_constant<int, 1>;
-    using Packed = std::integral_constant<int, kPack>;
-    for (int64_t i = tid; i < head; i += team) one(i, One{});
-    for (int64_t k = tid; k < n_packs; k += team) one(head + k * kPack, Packed{});
-    for (int64_t i = tail + tid; i < V; i += team) one(i, One{});
+    using Packed = std::integral_constant<int, P>;
+    const int n = n_packs * (kPack / P);
+    for (int i = tid; i < head; i += team) one(i, One{});
+    for (int k = tid; k < n; k += team) one(head + k * P, Packed{});
+    for (int i = tail + tid; i < V; i += team) one(i, One{});
   };
 
   const bool ce_own = p.has_ce && p.inv_t != 1.0f;  // else softmax(s) is q
@@ -284,10 +299,12 @@ __global__ void __launch_bounds__(kMaxTeam)
     s_label = p.has_softcap ? softcap(y_val[0], p.cap, p.inv_cap) : y_val[0];
   }
 
+  const int label_in_row = label >= 0 && label < V ? static_cast<int>(label) : -1;
   // Pass 1.
   OnlineLse lse_a, lse_b, lse_s;
   float cross = 0.0f;  // kd_math.h: cross_term
-  for_row([&](int64_t, const auto& sv, const auto& tv) {
+  // One online-softmax step over N entries.
+  const auto pass1_step = [&](const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
     float a[N], b[N], e_a[N], e_b[N];
 #pragma unroll
@@ -312,7 +329,25 @@ __global__ void __launch_bounds__(kMaxTeam)
       }
       cross = rebase_cross<DIV>(cross, z_side_old, step_a, step_b) + c;
     }
-  });
+  };
+  for_row([&](int, const auto& sv, const auto& tv) {
+    constexpr int N = sizeof(sv) / sizeof(float);
+    // Online-softmax steps over half a pack: a, b, e_a, e_b (and the cross term's operands)
+    // of 8 entries at once do not fit 64 registers (__launch_bounds__ above) with the CE
+    // softmax of s beside them. The 16-byte loads stay; a half step costs one more rescale
+    // (two or three exps) per 8 entries.
+    constexpr int H = N == kPack ? kPack / 2 : N;
+#pragma unroll
+    for (int h = 0; h < N; h += H) {
+      float s_half[H], t_half[H];
+#pragma unroll
+      for (int k = 0; k < H; ++k) {
+        s_half[k] = sv[h + k];
+        t_half[k] = tv[h + k];
+      }
+      pass1_step(s_half, t_half);
+    }
+  }, std::integral_constant<int, kPack>{});
   float maxima[3] = {lse_a.max, lse_b.max, lse_s.max};
   team_reduce(maxima, MaxOp{}, smem);
   // Each thread's sums, moved to the team's maxima before they are added.
@@ -349,11 +384,11 @@ __global__ void __launch_bounds__(kMaxTeam)
     row_sums = loss_from_pass1<DIV>(sums[3], row_a, row_b);
   } else {
     Pass2Sums<DIV, float> mine;
-    for_row([&](int64_t, const auto& sv, const auto& tv) {
+    for_row([&](int, const auto& sv, const auto& tv) {
       constexpr int N = sizeof(sv) / sizeof(float);
 #pragma unroll
       for (int k = 0; k < N; ++k) mine.add(entry(sv[k], tv[k]).terms);
-    });
+    }, std::integral_constant<int, kPack / 2>{});
     float acc[4] = {mine.kd, mine.qh, mine.q_above, mine.q_below};
     team_reduce(acc, SumOp{}, smem);
     row_sums = {acc[0], acc[1], acc[2], acc[3]};
@@ -368,7 +403,7 @@ __global__ void __launch_bounds__(kMaxTeam)
   team_sync();  // every read of the student row above is done before it may be overwritten
   const RowGrad grad =
       row_grad(row_sums, no_distribution, *args.reduction_factor, p.kd_grad_coef, p.ce_weight);
-  for_row([&](int64_t i, const auto& sv, const auto& tv) {
+  for_row([&](int i, const auto& sv, const auto& tv) {
     constexpr int N = sizeof(sv) / sizeof(float);
     float g[N];
 #pragma unroll
@@ -376,12 +411,12 @@ __global__ void __launch_bounds__(kMaxTeam)
       const Entry e = entry(sv[k], tv[k]);
       const auto ce = [&] {
         return CeEntry<float>{ce_own ? Ops<float>::exp(log_softmax(sv[k], row_ce)) : e.q,
-                              i + k == label ? 1.0f : 0.0f};
+                              i + k == label_in_row ? 1.0f : 0.0f};
       };
       g[k] = grad_entry<DIV>(p, grad, e.terms.qh, e.q, ce, [&] { return sv[k]; });
     }
     store_f32<N>(g_row, s_dt, i, g);
-  });
+  }, std::integral_constant<int, kPack>{});
 }
 
 __global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const float* grad_output,
@@ -390,12 +425,30 @@ __global__ void scale_rows_kernel(void* grad, DType dt, int64_t stride, const fl
   const float go = grad_output[row * grad_output_stride];
   if (go == 1.0f) return;  // the common backward (grad_output == 1) touches nothing
   void* g = static_cast<char*>(grad) + row * stride * elem_size(dt);
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-    float x[1];
-    load_f32<1>(g, dt, i, x);
-    x[0] *= go;
-    store_f32<1>(g, dt, i, x);
+  // As the row kernel: entries before the first 16-byte aligned pack and after the last one
+  // one at a time, the packs with its 16-byte loads and stores.
+  int64_t head = V;
+  for (int h = 0; h < kPack && h < V; ++h) {
+    if (aligned16(g, dt, h)) {
+      head = h;
+      break;
+    }
   }
+  const int64_t n_packs = (V - head) / kPack;
+  const int64_t tail = head + n_packs * kPack;
+  const auto scale = [&](int64_t i, auto n_const) {
+    constexpr int N = decltype(n_const)::value;
+    float x[N];
+    load_f32<N>(g, dt, i, x);
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] *= go;
+    store_f32<N>(g, dt, i, x);
+  };
+  using One = std::integral_constant<int, 1>;
+  using Packed = std::integral_constant<int, kPack>;
+  for (int64_t i = threadIdx.x; i < head; i += blockDim.x) scale(i, One{});
+  for (int64_t k = threadIdx.x; k < n_packs; k += blockDim.x) scale(head + k * kPack, Packed{});
+  for (int64_t i = tail + threadIdx.x; i < V; i += blockDim.x) scale(i, One{});
 }
 
 using KernelFn = void (*)(const KdRowsLaunch);
@@ -419,6 +472,9 @@ int team_size(int64_t V) {
 cudaError_t launch_kd_rows(const KdRowsLaunch& args, cudaStream_t stream) {
   const KdRowsParams& p = args.p;
   if (p.n_rows == 0) return cudaSuccess;
+  // In-row indices are 32-bit (a register fewer each), with room for the last step of a
+  // team's stride; row offsets stay 64-bit. The Triton kernel takes V as int32 too.
+  if (p.V > 0x7fffffff - kMaxTeam) return cudaErrorInvalidValue;
   const int team = team_size(p.V);
   const int rows_per_block = team == kWarp ? kRowsPerWarpBlock : 1;
   const int64_t n_blocks = (p.n_rows + rows_per_block - 1) / rows_per_block;

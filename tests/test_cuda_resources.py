@@ -1,0 +1,147 @@
+"""Register and spill budgets of the GPU kernels, checked on a machine without a GPU.
+
+The CUDA row kernels are compiled for sm_90 with `ptxas -v` (kd_cuda.cu's
+__launch_bounds__(512, 2) caps them at 64 registers: two 512-thread blocks an SM); the Triton
+row kernel ahead of time for sm_90 (tests/triton_aot.py), with Triton's own ptxas log. Neither
+runs a kernel; a GPU is needed for timing (docs/performance.md).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MAX_REGISTERS = 64
+
+# torch's flags for CUDA extensions (torch.utils.cpp_extension.COMMON_NVCC_FLAGS) and
+# setup.py's -O3: the registers ptxas reports depend on them.
+NVCC_FLAGS = [
+    "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+    "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__",
+    "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
+]  # fmt: skip
+
+
+def parse_ptxas(log: str) -> dict:
+    """{entry function: (registers, spill store bytes, spill load bytes)} of a ptxas -v log."""
+    out, name, spills = {}, None, (0, 0)
+    for line in log.splitlines():
+        m = re.search(r"[Cc]ompiling entry function '(\S+)'", line)
+        if m:
+            name, spills = m.group(1), (0, 0)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            spills = (int(m.group(1)), int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m and name is not None:
+            out[name] = (int(m.group(1)), *spills)
+            name = None
+    return out
+
+
+def _nvcc():
+    nvcc = shutil.which("nvcc")
+    if nvcc is None and os.environ.get("CUDA_HOME"):
+        candidate = Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"
+        nvcc = str(candidate) if candidate.exists() else None
+    return nvcc
+
+
+def test_cuda_row_kernels_fit_64_registers(tmp_path):
+    nvcc = _nvcc()
+    if nvcc is None:
+        print("SKIPPED: nvcc was not found (PATH, CUDA_HOME)")
+        pytest.skip("nvcc was not found (PATH, CUDA_HOME)")
+    proc = subprocess.run(
+        [nvcc, *NVCC_FLAGS, f"-I{ROOT / 'csrc'}", "-arch=sm_90", "-Xptxas", "-v", "-c",
+         str(ROOT / "csrc" / "kd_cuda.cu"), "-o", str(tmp_path / "kd_cuda.o")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kernels = parse_ptxas(proc.stdout + proc.stderr)
+    rows = {n: r for n, r in kernels.items() if "kd_rows_kernel" in n}
+    import fastkd
+
+    assert len(rows) == len(fastkd.DIVERGENCES), kernels  # one kd_rows_kernel<DIV> each
+    assert any("scale_rows_kernel" in n for n in kernels), kernels
+    for name, (regs, spill_st, spill_ld) in sorted(kernels.items()):
+        print(f"sm_90 {name}: {regs} registers, spill stores {spill_st} B, loads {spill_ld} B")
+    for name, (regs, spill_st, _) in kernels.items():
+        assert regs <= MAX_REGISTERS, (name, regs)
+        assert spill_st == 0, (name, spill_st)
+
+
+# Run in a fresh interpreter without TRITON_INTERPRET (the suite's conftest may set it) and
+# with an empty cache, so that Triton runs ptxas and prints its -v log (TRITON_DUMP_PTXAS_LOG).
+# Triton 3.x fills CompiledKernel.n_regs / n_spills only when it loads the cubin on a GPU; the
+# metadata holds neither, so the log is read instead.
+TRITON_SCRIPT = r"""
+import contextlib, io, json, sys
+import triton
+import triton_aot
+from fastkd.divergences import DIVERGENCES
+from fastkd.triton import kd_kernels
+
+captured = []
+_compile = triton.compile
+def compile_and_keep(*args, **kwargs):
+    compiled = _compile(*args, **kwargs)
+    captured.append(compiled)
+    return compiled
+triton.compile = compile_and_keep
+
+block = 4096
+for div in DIVERGENCES.values():
+    constexprs = dict(DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=True,
+                      HAS_CE=True, SOFTCAP=True, COMPUTE_GRAD=True, BLOCK=block)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        triton_aot.compile_kernel(kd_kernels.kd_row_kernel, triton_aot.ROW_KERNEL_ARGS,
+                                  constexprs, 90, kd_kernels._num_warps(block))
+    md = captured[-1].metadata
+    md = md._asdict() if hasattr(md, "_asdict") else dict(md)
+    print(json.dumps({"divergence": div.name, "log": log.getvalue(),
+                      "n_regs": md.get("n_regs"), "n_spills": md.get("n_spills")}))
+"""
+
+
+# Found by this test on its first run (Triton 3.8, sm_90, the full variant, BLOCK 4096): the
+# Triton row kernel spills (spill stores: jsd 16 B, skew_forward_kl 8, skew_reverse_kl 8,
+# tvd 4). fastkd/triton/kd_kernels.py is to be fixed; strict, so that the fix turns this into
+# a failure that says to remove the mark.
+@pytest.mark.xfail(strict=True, reason="Triton kd_row_kernel spills on sm_90 (jsd, skew KLs, tvd)")
+def test_triton_row_kernel_does_not_spill(tmp_path):
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")])
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env,
+        timeout=600, cwd=str(HERE),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    import fastkd
+
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert {r["divergence"] for r in results} == set(fastkd.DIVERGENCES)
+    for r in results:
+        if r["n_spills"] is not None:  # a Triton that reports it in the metadata
+            assert r["n_spills"] == 0, r
+            continue
+        kernels = parse_ptxas(r["log"])
+        assert kernels, f"no ptxas -v log from Triton for {r['divergence']}: {r['log'][-2000:]}"
+        for name, (regs, spill_st, spill_ld) in kernels.items():
+            print(
+                f"triton sm_90 {r['divergence']}: {regs} registers, spills {spill_st}/{spill_ld} B"
+            )
+    spilled = [(r["divergence"], parse_ptxas(r["log"])) for r in results]
+    assert all(st == 0 for _, k in spilled for (_, st, _) in k.values()), spilled
