@@ -94,8 +94,7 @@ def _cuda_decision(torch) -> tuple[bool, str]:
     nvcc, looked = _find_nvcc()
     if nvcc is None:
         return False, (
-            f"nvcc was not found (looked on {', '.join(looked)}): put it on PATH or set "
-            "CUDA_HOME"
+            f"nvcc was not found (looked on {', '.join(looked)}): put it on PATH or set CUDA_HOME"
         )
     if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
         home = _find_cuda_home(nvcc)
