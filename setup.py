@@ -12,7 +12,9 @@ Extensions, all optional at run time (fastkd falls back to Triton and the refere
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80, sm_90 and PTX for newer
 GPUs), MAX_JOBS (parallel compile jobs), FASTKD_FORCE_CUDA=1 (build the CUDA kernels even if
-torch is a CPU build), FASTKD_NO_CUDA=1 (skip them), CUDA_HOME.
+torch is a CPU build), FASTKD_NO_CUDA=1 (skip them), CUDA_HOME (nvcc is looked for on PATH, then
+in $CUDA_HOME/bin, $CUDA_PATH/bin and /usr/local/cuda/bin, torch's default CUDA home). The build
+prints what it builds; a build without the CUDA kernels says so in a banner, before and after.
 
 Build with ``pip install --no-build-isolation -e .`` (torch must be importable here) or
 ``python setup.py build_ext --inplace``.
@@ -59,16 +61,41 @@ def _find_cuda_home(nvcc: str) -> str | None:
     return home if os.path.isdir(os.path.join(home, "include")) else None
 
 
+# torch's own guess when nvcc is neither on PATH nor under $CUDA_HOME/$CUDA_PATH
+# (torch.utils.cpp_extension._find_cuda_home): CUDA images put the toolkit there and often
+# leave its bin/ off PATH. Not read from cpp_extension itself: importing it fixes its
+# CUDA_HOME, which must wait until the toolkit is known.
+TORCH_DEFAULT_CUDA_HOME = "/usr/local/cuda"
+
+
+def _find_nvcc() -> tuple[str | None, list[str]]:
+    """(nvcc, the places looked in): PATH, then $CUDA_HOME/bin, $CUDA_PATH/bin, then torch's
+    default CUDA home."""
+    looked = ["PATH"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        return nvcc, looked
+    homes = [(f"${var}", os.environ.get(var)) for var in ("CUDA_HOME", "CUDA_PATH")]
+    homes.append(("torch's default CUDA home", TORCH_DEFAULT_CUDA_HOME))
+    for label, home in homes:
+        if not home:
+            continue
+        candidate = os.path.join(home, "bin", "nvcc")
+        looked.append(f"{label} ({candidate})")
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate, looked
+    return None, looked
+
+
 def _cuda_decision(torch) -> tuple[bool, str]:
     """(build the CUDA kernels?, why), before torch.utils.cpp_extension is imported."""
     if _env_flag("FASTKD_NO_CUDA"):
         return False, "FASTKD_NO_CUDA=1"
-    nvcc = shutil.which("nvcc")
-    if nvcc is None and os.environ.get("CUDA_HOME"):
-        candidate = os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")
-        nvcc = candidate if os.path.exists(candidate) else None
+    nvcc, looked = _find_nvcc()
     if nvcc is None:
-        return False, "nvcc was not found (put it on PATH or set CUDA_HOME)"
+        return False, (
+            f"nvcc was not found (looked on {', '.join(looked)}): put it on PATH or set CUDA_HOME"
+        )
     if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
         home = _find_cuda_home(nvcc)
         if home:
@@ -78,7 +105,8 @@ def _cuda_decision(torch) -> tuple[bool, str]:
             f"torch {torch.__version__} is not a CUDA build (FASTKD_FORCE_CUDA=1 overrides)"
         )
     reason = "FASTKD_FORCE_CUDA=1" if _env_flag("FASTKD_FORCE_CUDA") else "nvcc found"
-    return True, f"{reason}, torch CUDA {torch.version.cuda}, nvcc {nvcc}"
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    return True, f"{reason}, torch CUDA {torch.version.cuda}, nvcc {nvcc}, CUDA_HOME {home}"
 
 
 def _cpu_isas() -> list[tuple[str, str, list[str]]]:
@@ -102,6 +130,30 @@ def _arch_tag(arch_list: str) -> str:
         if arch.endswith("+PTX"):
             tags.append(f"compute_{num}")
     return "__".join(tags)
+
+
+SUMMARY = ""
+
+
+def _summary(isas, build_cuda: bool, cuda_line: str) -> str:
+    """What is built and what is skipped; a skipped CUDA build is a banner, not a clause."""
+    built = (
+        "fastkd: building fastkd._C (the ops, build_info) and the CPU kernels for "
+        f"{', '.join(isa for isa, _, _ in isas)}"
+    )
+    if build_cuda:
+        return f"{built}; {cuda_line}"
+    rule = "!" * 78
+    return "\n".join(
+        [
+            rule,
+            f"{built}.",
+            f"fastkd: {cuda_line}",
+            "fastkd: this build has NO CUDA kernels (build_info()['cuda_kernels'] is False);",
+            "fastkd: on a GPU only Triton and the reference will run.",
+            rule,
+        ]
+    )
 
 
 def _extensions():
@@ -185,11 +237,9 @@ def _extensions():
                 extra_link_args=openmp,
             )
         )
-    print(
-        f"fastkd: building fastkd._C (the ops, build_info) and the CPU kernels for "
-        f"{', '.join(isa for isa, _, _ in isas)}; {cuda_line}",
-        flush=True,
-    )
+    global SUMMARY
+    SUMMARY = _summary(isas, build_cuda, cuda_line)
+    print(SUMMARY, flush=True)
 
     class Build(BuildExtension):
         """One build folder per extension: kd_cpu.cpp is compiled once per instruction set."""
@@ -207,3 +257,5 @@ def _extensions():
 
 ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
+# Again after the compiler's output, where the last lines of a build log are read.
+print(SUMMARY, file=sys.stderr, flush=True)

@@ -224,6 +224,91 @@ def test_cli_quick_run_writes_a_complete_json(tmp_path):
         assert r["speedup_vs_eager"] == pytest.approx(eager / r["median_ms"])
 
 
+# A run killed (SIGKILL, the device tool's limit) when the third case starts: no cleanup.
+_KILLED_AT_THIRD_CASE = """
+import os, sys
+from fastkd.bench import cli, harness
+run_case, calls = harness.run_case, []
+def dying(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        os._exit(137)
+    return run_case(*args, **kwargs)
+harness.run_case = dying
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+_THREE_CASES = ["--quick", "--device", "cpu", "--impl", "torch-eager", "--mode", FWD]
+_THREE_CASES += ["--vocab", "64,96,128"]
+
+
+def _json_rows(path: Path) -> dict:
+    data = json.loads(path.read_text())  # valid JSON, whole
+    assert data["schema"] == report.SCHEMA and data["meta"]["device"] == "cpu"
+    return {(r["vocab"], r["implementation"]): r for r in data["results"]}
+
+
+def test_json_written_after_each_case_survives_a_hard_stop(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_AT_THIRD_CASE, *_THREE_CASES, "--json", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 137, proc.stderr
+    rows = _json_rows(out)
+    assert set(rows) == {(64, "torch-eager"), (96, "torch-eager")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.json"]  # no temporary left
+
+
+def test_sigint_reports_what_was_measured_and_fails(tmp_path, monkeypatch, capsys):
+    run_case, calls = harness.run_case, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return run_case(*args, **kwargs)
+
+    monkeypatch.setattr(harness, "run_case", interrupted)
+    out = tmp_path / "bench.json"
+    assert cli.main([*_THREE_CASES, "--json", str(out)]) == 130
+    assert set(_json_rows(out)) == {(64, "torch-eager"), (96, "torch-eager")}
+    assert "torch-eager" in capsys.readouterr().out  # the table of what was measured
+
+
+def test_compiled_implementations_run_in_a_last_pass(tmp_path, monkeypatch, capsys):
+    order = []
+
+    def record(case, chosen, skipped, modes, *args, **kwargs):
+        order.append((case.vocab, [c.name for c in chosen]))
+        return [
+            harness._result(case, c, m, "skipped", reason="recorded") for c in chosen for m in modes
+        ]
+
+    monkeypatch.setattr(harness, "run_case", record)
+    args = ["--quick", "--device", "cpu", "--impl", "torch-eager,torch-compile", "--mode", FWD]
+    out = tmp_path / "bench.json"
+    assert cli.main([*args, "--vocab", "64,96", "--json", str(out)]) == 0
+    assert order == [
+        (64, ["torch-eager"]),
+        (96, ["torch-eager"]),
+        (64, ["torch-compile"]),
+        (96, ["torch-compile"]),
+    ]
+    # The files keep the case order: each case's rows together.
+    rows = [(r["vocab"], r["implementation"]) for r in json.loads(out.read_text())["results"]]
+    assert rows == [(64, "torch-eager"), (64, "torch-compile")] + [
+        (96, "torch-eager"),
+        (96, "torch-compile"),
+    ]
+
+
 def test_report_from_json_table_markdown_and_plot(tmp_path, capsys):
     right = _candidate("right", lambda s, t: kd_formula(s, t, **OPTIONS))
     eager = Candidate("torch-eager", "torch", lambda case: lambda s, t: kd_formula(s, t, **OPTIONS))

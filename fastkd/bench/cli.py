@@ -290,34 +290,65 @@ def main(argv: list[str] | None = None) -> int:
             )
     plan = measure.plan_for(device, args.quick)
 
-    plans = []
-    for case in all_cases:
+    # Two passes: every case's implementations that do not compile, then those that go
+    # through torch.compile (tens of seconds each on a GPU), so that a time limit or a hard
+    # stop cuts the compiled rows first. The table keeps the case order.
+    passes = ([], [])
+    for index, case in enumerate(all_cases):
         cands = _selected(implementations.candidates(case), args.impl)
         chosen = [c for c in cands if c.skip is None]
         skipped = [c for c in cands if c.skip is not None]
-        plans.append((case, chosen, skipped))
-    total = sum(len([m for m in modes if m in c.modes]) for _, chosen, _ in plans for c in chosen)
+        for last, plan_pass in enumerate(passes):
+            mine = [c for c in chosen if c.compiles == bool(last)]
+            not_run = [c for c in skipped if c.compiles == bool(last)]
+            if mine or not_run:
+                plan_pass.append((index, case, mine, not_run))
+    plans = passes[0] + passes[1]
+    total = sum(len([m for m in modes if m in c.modes]) for *_, chosen, _ in plans for c in chosen)
 
-    results: list[harness.Result] = []
+    meta = _meta(args, device, argv, ceilings)
+    done: list[tuple[int, list[harness.Result]]] = []
+
+    def results_so_far() -> list[harness.Result]:
+        ordered = sorted(done, key=lambda item: item[0])  # stable: pass order within a case
+        out = [r for _, rs in ordered for r in rs]
+        harness.add_speedups(out)
+        return out
+
+    interrupted = False
     # disable=None: the bar is shown on a terminal, silent in logs and pipes.
     with tqdm(total=total, disable=None, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
         step = _stepper(bar)
-        for case, chosen, skipped in plans:
-            results += harness.run_case(
-                case,
-                chosen,
-                skipped,
-                modes,
-                plan,
-                ceilings,
-                args.seed,
-                progress=lambda label, case=case: step(f"N={case.tokens} V={case.vocab} {label}"),
-                deadline=deadline,
-            )
+        try:
+            for index, case, chosen, skipped in plans:
+                done.append(
+                    (
+                        index,
+                        harness.run_case(
+                            case,
+                            chosen,
+                            skipped,
+                            modes,
+                            plan,
+                            ceilings,
+                            args.seed,
+                            progress=lambda label, case=case: step(
+                                f"N={case.tokens} V={case.vocab} {label}"
+                            ),
+                            deadline=deadline,
+                        ),
+                    )
+                )
+                if args.json:
+                    # After every case, atomically: a run stopped hard keeps what it measured.
+                    report.write_json(args.json, meta, results_so_far())
+        except KeyboardInterrupt:
+            # SIGINT (timeout -s INT, Ctrl-C): report what was measured, then fail.
+            interrupted = True
+            print("interrupted: reporting the cases measured so far", file=sys.stderr)
         bar.update(bar.total - bar.n)
-    harness.add_speedups(results)
-    _emit(args, _meta(args, device, argv, ceilings), results)
-    return 0
+    _emit(args, meta, results_so_far())
+    return 130 if interrupted else 0
 
 
 def _stepper(bar: tqdm):

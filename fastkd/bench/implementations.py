@@ -50,6 +50,9 @@ class Candidate:
     # The call overwrites its gradient arguments (inplace_backward): refill them before
     # each timed call, outside the clock.
     overwrites_inputs: bool = False
+    # Goes through torch.compile (its first call compiles, tens of seconds on a GPU): the
+    # command line measures these in a last pass, after every case's other implementations.
+    compiles: bool = False
 
 
 def interpreting() -> bool:
@@ -70,7 +73,9 @@ def candidates(case: Case) -> list[Candidate]:
     out = _fastkd_candidates(case)
     out += [
         Candidate("torch-eager", "torch", _formula),
-        Candidate("torch-compile", "torch", _compiled, note="torch.compile defaults"),
+        Candidate(
+            "torch-compile", "torch", _compiled, note="torch.compile defaults", compiles=True
+        ),
     ]
     out += _liger_candidates(case)
     return out
@@ -249,7 +254,8 @@ def _liger_candidates(case: Case) -> list[Candidate]:
         return [Candidate("liger", "liger", _liger_logits, unsupported or triton_skip, note)]
     return [
         Candidate("liger-fused", "liger", _liger_fused, unsupported or triton_skip, note),
-        Candidate("liger-chunked", "liger", _liger_chunked, unsupported, note),
+        # LigerFusedLinearJSDLoss compiles its chunk function (compiled=True, its default).
+        Candidate("liger-chunked", "liger", _liger_chunked, unsupported, note, compiles=True),
     ]
 
 

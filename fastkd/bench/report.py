@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import tempfile
 from dataclasses import fields
 
 from .harness import Result
@@ -200,9 +203,23 @@ def to_json(meta: dict, results: list[Result]) -> dict:
 
 
 def write_json(path: str, meta: dict, results: list[Result]) -> None:
-    with open(path, "w") as f:
-        json.dump(to_json(meta, results), f, indent=1)
-        f.write("\n")
+    """Atomically: written beside ``path``, then renamed over it, so a run stopped at any
+    moment leaves the previous complete file (the command line rewrites it after each
+    case)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's 0600 otherwise
+        with os.fdopen(fd, "w") as f:
+            json.dump(to_json(meta, results), f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_json(paths: list[str]) -> tuple[dict, list[Result]]:
