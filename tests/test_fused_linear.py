@@ -115,7 +115,10 @@ def half_grad_floors(student, teacher, labels, weight, **options):
     """What float32 cannot resolve in each student gradient (hidden, weight, bias), float64:
     FLOOR_ROUNDINGS eps32 times the magnitudes summed into it, from the float64 dL/dlogits G
     and its own float32 floor (kd_testing.float32_noise), through the matmuls (sqrt of the
-    inner size for their float32 sums)."""
+    inner size for their float32 sums). On CUDA the gradient matmuls take dL/dlogits as
+    bf16/fp16 operands (fastkd/_fused_linear_ops.py, design.md §3): half an ulp of the
+    dtype on each product of the hidden and weight gradients is added there (derived, not
+    measured: no GPU in this session)."""
     options = {k: v for k, v in options.items() if k not in ("chunk_size", "memory_budget")}
     s = [None if x is None else x.cpu().double() for x in student]
     t = [None if x is None else x.cpu().double() for x in teacher]
@@ -129,12 +132,16 @@ def half_grad_floors(student, teacher, labels, weight, **options):
     g = (logits.grad.abs() + FLOOR_ROUNDINGS * EPS32 * grad_scale + ambiguity).reshape(-1, V)
     hidden = s[0].reshape(-1, s[0].shape[-1]).abs()
     n_rows = g.shape[0]
-    floors = (
-        (g @ s[1].abs()).reshape(s[0].shape) * V**0.5,
-        g.T @ hidden * n_rows**0.5,
-        g.sum(0) * n_rows**0.5,
-    )
-    return [FLOOR_ROUNDINGS * EPS32 * f for f in floors]
+    products = ((g @ s[1].abs()).reshape(s[0].shape), g.T @ hidden, g.sum(0))
+    floors = [
+        FLOOR_ROUNDINGS * EPS32 * f * n**0.5
+        for f, n in zip(products, (V, n_rows, n_rows), strict=True)
+    ]
+    if student[0].is_cuda:
+        half_ulp = torch.finfo(student[0].dtype).eps / 2
+        floors[0] = floors[0] + half_ulp * products[0]
+        floors[1] = floors[1] + half_ulp * products[1]
+    return floors
 
 
 def check(student, teacher, labels, backend, gen, **options):
@@ -230,9 +237,12 @@ def test_grad_weight_accumulates_in_float32_over_many_chunks(target):
     for what, g, w, floor in zip(names, grads, ref_grads, floors, strict=True):
         worst = ulps_off(g, w, floor).max().item()
         assert worst <= HALF_ULPS, f"grad {what}: an entry {worst:.2f} ulps of bf16 off"
+        # The norm: 2x the bf16 rounding of the float64 gradient, plus the floor (on CPU a
+        # few eps32 of it; on CUDA also the bf16 operands of the gradient matmuls).
         rounding = rel_err(w.to(torch.bfloat16), w)
+        bound = 2 * rounding + floor.norm().item() / w.double().norm().item()
         err = rel_err(g, w)
-        assert err <= 2 * rounding, f"grad {what}: rel err {err:.2e}, bf16 rounding {rounding:.2e}"
+        assert err <= bound, f"grad {what}: rel err {err:.2e}, bf16 rounding {rounding:.2e}"
 
 
 @pytest.mark.parametrize("reduction", fastkd.REDUCTIONS)
