@@ -19,3 +19,9 @@ def pytest_terminal_summary(terminalreporter):
     for key in sorted(WORST_ERRORS):
         loss_err, grad_err = WORST_ERRORS[key]
         terminalreporter.write_line(f"{key:<28} loss {loss_err:.2e}   grad {grad_err:.2e}")
+
+
+def pytest_report_header(config):
+    from kd_testing import FUZZ_SEED_ENV, fuzz_seed
+
+    return f"fastkd fuzz seed: {fuzz_seed()} (reproduce with {FUZZ_SEED_ENV}={fuzz_seed()})"
