@@ -24,7 +24,6 @@ and only when labels are given; nothing inside the loop synchronises.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -32,91 +31,12 @@ from torch import Tensor
 
 from . import _backends, _reference_rows, _rows
 from ._config import KDConfig
+from ._linear_heads import Head, chunk_rows
 from ._rows import RowArgs
-
-# Default budget for a chunk's working set when neither chunk_size nor memory_budget is
-# given: on CPU a fixed one (RAM is not a device to ask). 256 MiB is a few hundred rows at
-# V = 32000 on the kernel path, enough for the CPU matmuls' full speed: at N=2048, H=1024,
-# V=32000 it measured as fast as 1 GiB (within noise) with 0.5 GB less peak RSS. On CUDA
-# this fraction of the free memory (the driver's, plus what torch's allocator holds unused).
-CPU_MEMORY_BUDGET = 256 << 20
-CUDA_FREE_FRACTION = 0.25
 
 # Floats per element of a chunk's (rows, V) logits that the kernel path holds: student and
 # teacher logits, plus room for the gradient's cast to a low-precision weight dtype.
 KERNEL_ROW_FLOATS = 3
-
-
-# --- matmuls with float32 accumulation and results --------------------------------------
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """The logits' dtype: float32, or float64 for float64 inputs."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-@functools.cache
-def _cuda_out_dtype(kind: str, device: torch.device) -> bool:
-    """Whether this torch's CUDA mm / in-place addmm take bf16 operands with float32 output
-    (``out_dtype``, torch >= 2.8; addmm into a float32 accumulator in later versions).
-    Probed once on tiny tensors, checked against the float32 product."""
-    a = torch.ones(2, 2, device=device, dtype=torch.bfloat16)
-    try:
-        if kind == "mm":
-            out = torch.mm(a, a, out_dtype=torch.float32)
-        else:
-            out = torch.ones(2, 2, device=device, dtype=torch.float32)
-            torch.addmm(out, a, a, out_dtype=torch.float32, out=out)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    expected = 2.0 if kind == "mm" else 3.0
-    return out.dtype == torch.float32 and bool((out == expected).all())
-
-
-class _Head:
-    """One model's LM head for one call: (N, H) hidden rows, weight (V, H), bias (V,)."""
-
-    def __init__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> None:
-        self.hidden = hidden.reshape(-1, hidden.shape[-1])
-        self.weight = weight
-        self.wide = _wide(weight.dtype)
-        low = weight.dtype != self.wide
-        # bf16/fp16: on CUDA the matmul writes float32 from low-precision operands; elsewhere
-        # (CPU) the weight is upcast once per call: V x H x 4 more bytes, never per chunk.
-        self.native_low = low and weight.is_cuda and _cuda_out_dtype("mm", weight.device)
-        self.weight_op = weight.to(self.wide) if low and not self.native_low else weight
-        self.bias = None if bias is None else bias.to(self.wide)
-
-    def rows(self, index) -> Tensor:
-        return self.hidden[index].to(self.weight_op.dtype)
-
-    def logits(self, h: Tensor) -> Tensor:
-        """(rows, V) logits of hidden rows h (already in weight_op's dtype)."""
-        w_t = self.weight_op.t()
-        if self.native_low:
-            out = torch.mm(h, w_t, out_dtype=torch.float32)
-            return out if self.bias is None else out.add_(self.bias)
-        if self.bias is None:
-            return torch.mm(h, w_t)
-        return torch.addmm(self.bias, h, w_t)
-
-    def grad_hidden(self, g: Tensor) -> Tensor:
-        """g (rows, V) @ weight, in the hidden's dtype (low-precision operands on CUDA)."""
-        if self.native_low:
-            return torch.mm(g.to(self.weight.dtype), self.weight)
-        return torch.mm(g, self.weight_op).to(self.hidden.dtype)
-
-    def accumulate_grad_weight_(self, acc: Tensor, g: Tensor, h: Tensor) -> None:
-        """acc (V, H, float32) += g.T @ h."""
-        if not self.native_low:
-            acc.addmm_(g.t(), h)
-            return
-        g_low = g.to(self.weight.dtype).t()
-        if _cuda_out_dtype("addmm", acc.device):
-            torch.addmm(acc, g_low, h, out_dtype=torch.float32, out=acc)
-        else:
-            # Older torch: a float32 product per chunk (a transient V x H float32 buffer).
-            acc.add_(torch.mm(g_low, h, out_dtype=torch.float32))
 
 
 # --- the chunk loop ----------------------------------------------------------------------
@@ -132,7 +52,7 @@ class _Grads:
     bias: Tensor | None
 
     @classmethod
-    def allocate(cls, student: _Head, needs: tuple[bool, bool, bool], all_rows_kept: bool):
+    def allocate(cls, student: Head, needs: tuple[bool, bool, bool], all_rows_kept: bool):
         h, w = student.hidden, student.weight
         # Ignored rows are never visited: their gradient rows must start at zero.
         new = torch.empty if all_rows_kept else torch.zeros
@@ -165,8 +85,8 @@ def _kept_rows(labels1: Tensor | None, ignore_index: int, n_rows: int):
 def _chunk_loop(
     config: KDConfig,
     chunk_rows: int,
-    student: _Head,
-    teacher: _Head,
+    student: Head,
+    teacher: Head,
     labels1: Tensor | None,
     kept: Tensor | None,
     n_kept: int,
@@ -222,8 +142,8 @@ def _run_chunk(
 def _prepare(config: KDConfig, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
              num_items):  # fmt: skip
     """Everything the loop needs: (student, teacher, labels1, reduction_factor, kept, n_kept)."""
-    student = _Head(s_hidden, s_weight, s_bias)
-    teacher = _Head(t_hidden, t_weight, t_bias)
+    student = Head(s_hidden, s_weight, s_bias)
+    teacher = Head(t_hidden, t_weight, t_bias)
     labels1 = None if labels is None else labels.reshape(-1)
     n_rows = student.hidden.shape[0]
     size0 = s_hidden.shape[0] if s_hidden.dim() > 1 else s_weight.shape[0]
@@ -309,37 +229,15 @@ class _FusedLinearKD(torch.autograd.Function):
         return (g_hidden, g_weight, g_bias) + (None,) * 8
 
 
-# --- chunk sizing ------------------------------------------------------------------------
-
-
-def _default_budget(device: torch.device) -> int:
-    """Bytes a chunk's working set may take when the caller gives no budget."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int((free + cached) * CUDA_FREE_FRACTION)
-    return CPU_MEMORY_BUDGET
-
-
 def _chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget, device) -> int:
-    """Rows per chunk: ``chunk_size`` and ``memory_budget`` each cap it; with neither, the
-    device's default budget does. The budget covers the chunk's logits-sized buffers."""
-    if chunk_size is None and memory_budget is None:
-        memory_budget = _default_budget(device)
-    rows = max(n_rows, 1)
-    if memory_budget is not None:
-        per_elem = (
-            KERNEL_ROW_FLOATS
-            if _backends.REGISTRY[backend].is_kernel
-            else _reference_rows.REFERENCE_ROW_FLOATS
-        )
-        per_row = V * per_elem * torch.finfo(logits_dtype).bits // 8
-        rows = min(rows, max(memory_budget // per_row, 1))
-        if rows >= 64:
-            rows -= rows % 64  # whole tiles for the matmuls
-    if chunk_size is not None:
-        rows = min(rows, chunk_size)
-    return rows
+    """Rows per chunk of the loss: the kernel path holds KERNEL_ROW_FLOATS logits-sized
+    buffers, the reference path REFERENCE_ROW_FLOATS."""
+    row_floats = (
+        KERNEL_ROW_FLOATS
+        if _backends.REGISTRY[backend].is_kernel
+        else _reference_rows.REFERENCE_ROW_FLOATS
+    )
+    return chunk_rows(n_rows, V, logits_dtype, row_floats, chunk_size, memory_budget, device)
 
 
 def fused_linear_kd(

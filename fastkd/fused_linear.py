@@ -17,53 +17,19 @@ from ._config import (
     KDConfig,
     KDOptions,
     check_flags,
-    check_float_tensor,
     check_labels,
     check_num_items,
 )
-from ._fused_linear_ops import _chunk_rows, _wide, fused_linear_kd
+from ._fused_linear_ops import _chunk_rows, fused_linear_kd
+from ._linear_heads import (
+    autocast_cast,
+    check_bias,
+    check_chunking,
+    check_head,
+    check_head_dtypes,
+    wide_dtype,
+)
 from .losses import KDLossOutput
-
-
-def _check_head(which: str, hidden, weight, bias) -> None:
-    """One model's (hidden, weight, bias): types and shapes; dtypes are checked later,
-    after autocast has had its say."""
-    names = (f"{which}_hidden", f"{which}_weight", f"{which}_bias")
-    for name, x in zip(names, (hidden, weight, bias), strict=True):
-        if x is not None or not name.endswith("_bias"):
-            check_float_tensor(name, x)
-    if hidden.dim() == 0:
-        raise ValueError(f"{names[0]} must have a hidden dimension, got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"{names[1]} must be (V, H), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"{names[1]} has hidden size {weight.shape[1]} (dim 1) but {names[0]} has "
-            f"{hidden.shape[-1]} (last dim)"
-        )
-    for name, x in zip(names[1:], (weight, bias), strict=True):
-        if x is not None and x.device != hidden.device:
-            raise ValueError(
-                f"{name} must be on {names[0]}'s device {hidden.device}, got {x.device}"
-            )
-
-
-def _check_bias(which: str, weight, bias) -> None:
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"{which}_bias must have shape ({weight.shape[0]},) (the vocabulary of "
-            f"{which}_weight), got {tuple(bias.shape)}"
-        )
-
-
-def _check_head_dtypes(which: str, hidden, weight, bias) -> None:
-    # nn.Linear's rule: the input, weight and bias share a dtype (outside autocast).
-    for name, x in ((f"{which}_weight", weight), (f"{which}_bias", bias)):
-        if x is not None and x.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} has dtype {x.dtype} but {which}_hidden has {hidden.dtype}; they must "
-                "match, as for nn.Linear (or run under torch.autocast)"
-            )
 
 
 def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
@@ -95,24 +61,6 @@ def _config(divergence: str, options: KDOptions) -> KDConfig:
     return KDConfig.from_options(divergence, **options)
 
 
-def _check_chunking(chunk_size, memory_budget) -> None:
-    for name, value in (("chunk_size", chunk_size), ("memory_budget", memory_budget)):
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int or None, got {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _autocast_cast(device: torch.device, tensors: tuple) -> tuple:
-    """nn.Linear under autocast: floating inputs (not float64) cast to the autocast dtype."""
-    if not torch.is_autocast_enabled(device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device.type)
-    return tuple(x.to(dtype) if x is not None and x.dtype != torch.float64 else x for x in tensors)
-
-
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
@@ -137,7 +85,7 @@ def fused_linear_kd_loss(
     """
     config = _config(divergence, options)
     check_flags(return_components=return_components)
-    _check_chunking(chunk_size, memory_budget)
+    check_chunking(chunk_size, memory_budget)
     return _fused_linear_kd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, num_items_in_batch, config, chunk_size, memory_budget, return_components,
@@ -153,23 +101,23 @@ def _fused_linear_kd_loss(
     return_components,
 ):  # fmt: skip
     """fused_linear_kd_loss with its options already in a validated config."""
-    _check_head("student", student_hidden, student_weight, student_bias)
-    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    check_head("student_", student_hidden, student_weight, student_bias)
+    check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
-    _check_bias("student", student_weight, student_bias)
-    _check_bias("teacher", teacher_weight, teacher_bias)
+    check_bias("student_", student_weight, student_bias)
+    check_bias("teacher_", teacher_weight, teacher_bias)
     device = student_hidden.device
-    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = _autocast_cast(
+    s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = autocast_cast(
         device,
         (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
          teacher_bias),
     )  # fmt: skip
-    _check_head_dtypes("student", s_hidden, s_weight, s_bias)
-    _check_head_dtypes("teacher", t_hidden, t_weight, t_bias)
+    check_head_dtypes("student_", s_hidden, s_weight, s_bias)
+    check_head_dtypes("teacher_", t_hidden, t_weight, t_bias)
     V = s_weight.shape[0]
     check_labels(labels, s_hidden.shape[:-1], V, device, config)
     num_items = check_num_items(num_items_in_batch, device)
-    logits_dtype = torch.promote_types(_wide(s_hidden.dtype), _wide(t_hidden.dtype))
+    logits_dtype = torch.promote_types(wide_dtype(s_hidden.dtype), wide_dtype(t_hidden.dtype))
     config = config.with_backend(_backends.resolve(config.backend, device, logits_dtype))
     n_rows = s_hidden.numel() // s_hidden.shape[-1] if s_hidden.shape[-1] else 0
     chunk_rows = _chunk_rows(
@@ -232,7 +180,7 @@ class FusedLinearKDLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.config = _config(divergence, options)
-        _check_chunking(chunk_size, memory_budget)
+        check_chunking(chunk_size, memory_budget)
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
 

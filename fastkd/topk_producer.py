@@ -19,7 +19,7 @@ losses apply it), taken over the whole vocabulary:
   constant): the results never require grad.
 
 The hidden-state producer computes each chunk's logits with float32 accumulation into a
-float32 result, as :class:`fastkd.FusedLinearKDLoss` does (its ``_Head``): on CUDA bf16/fp16
+float32 result, as :class:`fastkd.FusedLinearKDLoss` does (its ``Head``): on CUDA bf16/fp16
 operands go to the matmul as they are where torch can write float32 from them; elsewhere a
 bf16/fp16 weight is upcast to float32 once per call (V x H x 4 bytes).
 """
@@ -30,8 +30,16 @@ import torch
 from torch import Tensor
 
 from ._config import _check_temperature, check_float_tensor, check_number
-from ._fused_linear_ops import _default_budget, _Head, _wide
-from .fused_linear import _autocast_cast, _check_chunking
+from ._linear_heads import (
+    Head,
+    autocast_cast,
+    check_bias,
+    check_chunking,
+    check_head,
+    check_head_dtypes,
+    chunk_rows,
+    wide_dtype,
+)
 from .topk import TopKTeacher
 
 # Wide floats per element of a chunk's (rows, V) working set: the chunk's scaled logits,
@@ -64,12 +72,14 @@ def topk_logprobs(
         raise ValueError("logits must have a vocabulary dimension (..., V), got a 0-d tensor")
     V = logits.shape[-1]
     k, temperature, softcap = _check_options(k, V, "logits' last dim", temperature, softcap)
-    _check_chunking(chunk_size, memory_budget)
+    check_chunking(chunk_size, memory_budget)
     lead = logits.shape[:-1]
     rows = logits.reshape(-1, V)
-    wide = _wide(logits.dtype)
+    wide = wide_dtype(logits.dtype)
     n_rows = rows.shape[0]
-    chunk = _chunk_rows(n_rows, V, wide, chunk_size, memory_budget, logits.device)
+    chunk = chunk_rows(
+        n_rows, V, wide, PRODUCER_ROW_FLOATS, chunk_size, memory_budget, logits.device
+    )
     ids = torch.empty((n_rows, k), dtype=torch.int64, device=logits.device)
     lps = torch.empty((n_rows, k), dtype=wide, device=logits.device)
     with torch.no_grad(), torch.autocast(logits.device.type, enabled=False):
@@ -107,26 +117,24 @@ def topk_logprobs_from_hidden(
     (about ``4 * V * 4`` bytes a row); with neither, a quarter of the free CUDA memory or
     256 MiB on CPU.
     """
-    _check_head(hidden, weight, bias)
+    check_head("", hidden, weight, bias)
+    check_bias("", weight, bias)
+    if hidden.shape[-1] == 0:
+        raise ValueError("hidden has an empty hidden dimension (H = 0)")
     V = weight.shape[0]
     k, temperature, softcap = _check_options(k, V, "weight's dim 0", temperature, softcap)
-    _check_chunking(chunk_size, memory_budget)
-    hidden, weight, bias = _autocast_cast(hidden.device, (hidden, weight, bias))
-    for name, x in (("weight", weight), ("bias", bias)):
-        if x is not None and x.dtype != hidden.dtype:
-            raise TypeError(
-                f"{name} has dtype {x.dtype} but hidden has {hidden.dtype}; they must match, as "
-                "for nn.Linear (or run under torch.autocast)"
-            )
+    check_chunking(chunk_size, memory_budget)
+    hidden, weight, bias = autocast_cast(hidden.device, (hidden, weight, bias))
+    check_head_dtypes("", hidden, weight, bias)
     lead = hidden.shape[:-1]
     n_rows = lead.numel()
-    wide = _wide(weight.dtype)
+    wide = wide_dtype(weight.dtype)
     device = hidden.device
-    chunk = _chunk_rows(n_rows, V, wide, chunk_size, memory_budget, device)
+    chunk = chunk_rows(n_rows, V, wide, PRODUCER_ROW_FLOATS, chunk_size, memory_budget, device)
     ids = torch.empty((n_rows, k), dtype=torch.int64, device=device)
     lps = torch.empty((n_rows, k), dtype=wide, device=device)
     with torch.no_grad(), torch.autocast(device.type, enabled=False):
-        head = _Head(hidden.detach(), weight.detach(), None if bias is None else bias.detach())
+        head = Head(hidden.detach(), weight.detach(), None if bias is None else bias.detach())
         for start in range(0, n_rows, chunk):
             part = slice(start, min(start + chunk, n_rows))
             z = head.logits(head.rows(part))  # (rows, V), fresh: transformed in place
@@ -154,22 +162,6 @@ def _topk_rows(z: Tensor, owned: bool, k: int, temperature: float, softcap: floa
     ids_out.copy_(indices)
 
 
-def _chunk_rows(n_rows, V, wide, chunk_size, memory_budget, device) -> int:
-    """Rows per chunk: ``chunk_size`` and ``memory_budget`` each cap it; with neither, the
-    device's default budget (FusedLinearKDLoss's) does."""
-    if chunk_size is None and memory_budget is None:
-        memory_budget = _default_budget(device)
-    rows = max(n_rows, 1)
-    if memory_budget is not None:
-        per_row = V * PRODUCER_ROW_FLOATS * torch.finfo(wide).bits // 8
-        rows = min(rows, max(memory_budget // per_row, 1))
-        if rows >= 64:
-            rows -= rows % 64  # whole tiles for the matmuls
-    if chunk_size is not None:
-        rows = min(rows, chunk_size)
-    return rows
-
-
 # --- checks --------------------------------------------------------------------------------
 
 
@@ -184,29 +176,3 @@ def _check_options(k, V: int, v_from: str, temperature, softcap):
     if softcap is not None:
         softcap = check_number("softcap", softcap, positive=True)
     return k, temperature, softcap
-
-
-def _check_head(hidden, weight, bias) -> None:
-    check_float_tensor("hidden", hidden)
-    check_float_tensor("weight", weight)
-    if bias is not None:
-        check_float_tensor("bias", bias)
-    if hidden.dim() == 0:
-        raise ValueError("hidden must be (..., H), got a 0-d tensor")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be (V, H), got shape {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight has hidden size {weight.shape[1]} (dim 1) but hidden has "
-            f"{hidden.shape[-1]} (last dim)"
-        )
-    if hidden.shape[-1] == 0:
-        raise ValueError("hidden has an empty hidden dimension (H = 0)")
-    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
-        raise ValueError(
-            f"bias must have shape ({weight.shape[0]},) (weight's vocabulary), got "
-            f"{tuple(bias.shape)}"
-        )
-    for name, x in (("weight", weight), ("bias", bias)):
-        if x is not None and x.device != hidden.device:
-            raise ValueError(f"{name} must be on hidden's device {hidden.device}, got {x.device}")

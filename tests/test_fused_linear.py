@@ -24,7 +24,7 @@ from kd_testing import (
 from kd_testing import grad_weight as grad_output_for
 
 import fastkd
-from fastkd import _backends, _fused_linear_ops
+from fastkd import _backends, _fused_linear_ops, _linear_heads
 
 DIVERGENCES = list(fastkd.DIVERGENCES)
 N_ROWS, H_S, H_T, V = 13, 8, 12, 37
@@ -498,7 +498,7 @@ def test_chunk_rows_follow_the_budget_not_the_shape():
     assert rows(5000, 1000, torch.float32, "triton", 7, None, cpu) == 7
     assert rows(30, 1000, torch.float32, "triton", None, 100 * kernel_row, cpu) == 30
     # The default on CPU is a fixed budget; the reference path's rows cost more.
-    expected = ops.CPU_MEMORY_BUDGET // kernel_row
+    expected = _linear_heads.CPU_MEMORY_BUDGET // kernel_row
     assert rows(10**6, 1000, torch.float32, "triton", None, None, cpu) == expected - expected % 64
     ref_rows = rows(10**6, 1000, torch.float32, "torch", None, None, cpu)
     assert ref_rows < expected and ref_rows > 0

@@ -149,17 +149,17 @@ def test_from_hidden_matches_full_log_softmax(dtype, bias):
 
 
 def test_from_hidden_never_holds_more_than_a_chunk(monkeypatch):
-    from fastkd import _fused_linear_ops
+    from fastkd import _linear_heads
 
     seen = []
-    logits = _fused_linear_ops._Head.logits
+    logits = _linear_heads.Head.logits
 
     def spy(self, h):
         out = logits(self, h)
         seen.append(tuple(out.shape))
         return out
 
-    monkeypatch.setattr(_fused_linear_ops._Head, "logits", spy)
+    monkeypatch.setattr(_linear_heads.Head, "logits", spy)
     gen = _gen("spy")
     hidden, weight, b = _head(gen, (3, 6), 8, torch.bfloat16)
     topk_logprobs_from_hidden(hidden, weight, 4, b, chunk_size=4)
@@ -273,7 +273,7 @@ def test_bad_tensors_are_named():
         topk_logprobs_from_hidden(h, w, 3, b.double())
     with pytest.raises(TypeError, match="hidden must be a floating-point tensor"):
         topk_logprobs_from_hidden(h.long(), w, 3)
-    with pytest.raises(ValueError, match="hidden must be"):
+    with pytest.raises(ValueError, match="hidden must have a hidden dimension"):
         topk_logprobs_from_hidden(torch.tensor(1.0), w, 3)
     with pytest.raises(ValueError, match=r"k must lie in \[1, V\] with V = 97 \(weight's dim 0\)"):
         topk_logprobs_from_hidden(h, w, 98)
