@@ -112,7 +112,7 @@ class KDConfig:
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
         return cls(
             divergence=divergence,
-            temperature=_check_temperature(o["temperature"]),
+            temperature=check_temperature(o["temperature"]),
             mix_weight=_mix_weight(divergence, o["beta"], o["alpha"]),
             softcap=softcap,
             scale_by_temperature_squared=o["scale_by_temperature_squared"],
@@ -166,7 +166,7 @@ class KDConfig:
 TEMPERATURE_RANGE = (1e-4, 1e4)
 
 
-def _check_temperature(value) -> float:
+def check_temperature(value) -> float:
     value = check_number("temperature", value, positive=True)
     low, high = TEMPERATURE_RANGE
     if not low <= value <= high:

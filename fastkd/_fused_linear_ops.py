@@ -229,7 +229,7 @@ class _FusedLinearKD(torch.autograd.Function):
         return (g_hidden, g_weight, g_bias) + (None,) * 8
 
 
-def _chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget, device) -> int:
+def loss_chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget, device) -> int:
     """Rows per chunk of the loss: the kernel path holds KERNEL_ROW_FLOATS logits-sized
     buffers, the reference path REFERENCE_ROW_FLOATS."""
     row_floats = (

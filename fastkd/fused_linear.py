@@ -20,7 +20,7 @@ from ._config import (
     check_labels,
     check_num_items,
 )
-from ._fused_linear_ops import _chunk_rows, fused_linear_kd
+from ._fused_linear_ops import fused_linear_kd, loss_chunk_rows
 from ._linear_heads import (
     autocast_cast,
     check_bias,
@@ -120,7 +120,7 @@ def _fused_linear_kd_loss(
     logits_dtype = torch.promote_types(wide_dtype(s_hidden.dtype), wide_dtype(t_hidden.dtype))
     config = config.with_backend(_backends.resolve(config.backend, device, logits_dtype))
     n_rows = s_hidden.numel() // s_hidden.shape[-1] if s_hidden.shape[-1] else 0
-    chunk_rows = _chunk_rows(
+    chunk_rows = loss_chunk_rows(
         n_rows, V, logits_dtype, config.backend, chunk_size, memory_budget, device
     )
     teacher = tuple(None if x is None else x.detach() for x in (t_hidden, t_weight, t_bias))

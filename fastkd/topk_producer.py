@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._config import _check_temperature, check_float_tensor, check_number
+from ._config import check_float_tensor, check_number, check_temperature
 from ._linear_heads import (
     Head,
     autocast_cast,
@@ -172,7 +172,7 @@ def _check_options(k, V: int, v_from: str, temperature, softcap):
         raise ValueError(f"the vocabulary is empty (V = 0, {v_from})")
     if not 1 <= k <= V:
         raise ValueError(f"k must lie in [1, V] with V = {V} ({v_from}), got {k}")
-    temperature = _check_temperature(temperature)
+    temperature = check_temperature(temperature)
     if softcap is not None:
         softcap = check_number("softcap", softcap, positive=True)
     return k, temperature, softcap

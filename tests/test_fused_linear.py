@@ -487,7 +487,7 @@ def test_module_checks_options_at_construction():
 def test_chunk_rows_follow_the_budget_not_the_shape():
     cpu = torch.device("cpu")
     ops = _fused_linear_ops
-    rows = ops._chunk_rows
+    rows = ops.loss_chunk_rows
     kernel_row = 1000 * ops.KERNEL_ROW_FLOATS * 4
     # A budget of exactly 100 kernel rows gives 64 (whole tiles), 10 rows gives 10.
     assert rows(5000, 1000, torch.float32, "triton", None, 100 * kernel_row, cpu) == 64
