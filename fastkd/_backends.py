@@ -69,21 +69,25 @@ class Backend:
     available: Callable[[torch.device], tuple[bool, str]]  # (available, why not)
     module: str  # the module whose row_kernel and scale_rows_ it runs
     is_kernel: bool  # float32 kernel behind the custom ops (False: the float64-able spec)
+    # The module whose topk_row_stats and topk_grad_rows it runs (fastkd/_topk_rows.py), or
+    # None: the spec's top-k row kernel (fastkd/_reference_rows.py) instead.
+    topk_module: str | None = None
 
 
 REGISTRY: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("triton", ("cuda", "cpu"), _triton_available, "fastkd.triton.kd_kernels", True),
+        Backend("triton", ("cuda", "cpu"), _triton_available, "fastkd.triton.kd_kernels", True,
+                "fastkd.triton.topk_kernels"),
         Backend(
             "cuda", ("cuda",),
             _compiled_available("cuda", _extension.cuda_available, "CUDA kernel"),
-            "fastkd._compiled_rows", True,
+            "fastkd._compiled_rows", True, "fastkd._compiled_rows",
         ),
         Backend(
             "cpu", ("cpu",),
             _compiled_available("cpu", _extension.cpu_available, "C++ CPU kernel"),
-            "fastkd._compiled_rows", True,
+            "fastkd._compiled_rows", True, "fastkd._compiled_rows",
         ),
         Backend("torch", ("cpu", "cuda"), lambda device: (True, ""), "fastkd._reference_rows",
                 False),
@@ -142,9 +146,22 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     return backend
 
 
-def row_kernel(backend: str):
-    """(row_kernel, scale_rows_) of a concrete backend: the fastkd._rows interface."""
+def row_kernel(backend: str, topk: bool = False):
+    """(row_kernel, scale_rows_) of a concrete backend: the fastkd._rows interface, for
+    dense teacher logits or (``topk``) a TopKTeacher's rows."""
     if backend not in REGISTRY:
         raise ValueError(f"backend={backend!r} has no row kernel")
     module = importlib.import_module(REGISTRY[backend].module)
-    return module.row_kernel, module.scale_rows_
+    if not topk:
+        return module.row_kernel, module.scale_rows_
+    if REGISTRY[backend].topk_module is None:
+        return module.topk_row_kernel, module.scale_rows_
+    from . import _topk_rows
+
+    return _topk_rows.row_kernel, module.scale_rows_
+
+
+def topk_kernels(backend: str):
+    """(topk_row_stats, topk_grad_rows) of a kernel backend (fastkd/_topk_rows.py)."""
+    module = importlib.import_module(REGISTRY[backend].topk_module)
+    return module.topk_row_stats, module.topk_grad_rows

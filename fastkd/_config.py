@@ -44,7 +44,16 @@ class KDOptions(TypedDict, total=False):
     reduction: str
     backend: str
     inplace_backward: bool
+    teacher_normalization: str
+    student_normalization: str
+    topk_tail: str
+    teacher_temperature: float | None
 
+
+# The top-k options' values (design.md §4); a dense teacher takes only their defaults.
+TEACHER_NORMALIZATIONS = ("raw", "renormalize")
+STUDENT_NORMALIZATIONS = ("full", "topk")
+TOPK_TAILS = ("none", "bucket")
 
 OPTION_DEFAULTS: KDOptions = {
     "temperature": 1.0,
@@ -58,6 +67,10 @@ OPTION_DEFAULTS: KDOptions = {
     "reduction": "mean",
     "backend": "auto",
     "inplace_backward": False,
+    "teacher_normalization": "raw",  # the stored log-probabilities as they are
+    "student_normalization": "full",  # the student's softmax over its whole vocabulary
+    "topk_tail": "none",
+    "teacher_temperature": None,  # the producer already divided by the loss's T
 }
 
 
@@ -81,6 +94,10 @@ class KDConfig:
     reduction: str
     backend: str
     inplace_backward: bool
+    teacher_normalization: str
+    student_normalization: str
+    topk_tail: str
+    teacher_temperature: float | None
 
     @classmethod
     def from_options(cls, divergence: str = "forward_kl", **options: Unpack[KDOptions]) -> KDConfig:
@@ -110,9 +127,10 @@ class KDConfig:
         ignore_index = o["ignore_index"]
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+        temperature = check_temperature(o["temperature"])
         return cls(
             divergence=divergence,
-            temperature=check_temperature(o["temperature"]),
+            temperature=temperature,
             mix_weight=_mix_weight(divergence, o["beta"], o["alpha"]),
             softcap=softcap,
             scale_by_temperature_squared=o["scale_by_temperature_squared"],
@@ -122,6 +140,7 @@ class KDConfig:
             reduction=o["reduction"],
             backend=o["backend"],
             inplace_backward=o["inplace_backward"],
+            **_topk_options(o, temperature),
         )
 
     def describe(self, **extra) -> str:
@@ -131,6 +150,25 @@ class KDConfig:
 
     def with_backend(self, backend: str) -> KDConfig:
         return dataclasses.replace(self, backend=backend)
+
+    @property
+    def topk_options_set(self) -> list[str]:
+        """The top-k options given other values than their defaults (a dense teacher takes
+        none)."""
+        return [
+            name
+            for name in ("teacher_normalization", "student_normalization", "topk_tail",
+                         "teacher_temperature")
+            if getattr(self, name) != OPTION_DEFAULTS[name]
+        ]  # fmt: skip
+
+    @property
+    def teacher_logprob_scale(self) -> float:
+        """T_g / T, the factor on a top-k teacher's stored log-probabilities (design.md §4):
+        1 when teacher_temperature is None or equals T."""
+        if self.teacher_temperature is None:
+            return 1.0
+        return self.teacher_temperature / self.temperature
 
     @property
     def has_ce(self) -> bool:
@@ -175,6 +213,46 @@ def check_temperature(value) -> float:
             f"logits up to 1e4), got {value!r}"
         )
     return value
+
+
+def _topk_options(o: dict, temperature: float) -> dict:
+    """The top-k options checked against each other (design.md §4)."""
+    for name, allowed in (
+        ("teacher_normalization", TEACHER_NORMALIZATIONS),
+        ("student_normalization", STUDENT_NORMALIZATIONS),
+        ("topk_tail", TOPK_TAILS),
+    ):
+        value = o[name]
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+    if o["topk_tail"] == "bucket" and o["teacher_normalization"] != "raw":
+        raise ValueError(
+            "topk_tail='bucket' needs teacher_normalization='raw': the tail is the mass the "
+            "raw top-k leaves out, and a renormalised teacher leaves none"
+        )
+    if o["topk_tail"] == "bucket" and o["student_normalization"] != "full":
+        raise ValueError(
+            "topk_tail='bucket' needs student_normalization='full': a student normalised over "
+            "the top-k has no mass outside it"
+        )
+    t_g = o["teacher_temperature"]
+    if t_g is not None:
+        t_g = check_number("teacher_temperature", t_g, positive=True)
+        if t_g != temperature and (
+            o["teacher_normalization"] != "renormalize" or o["topk_tail"] != "none"
+        ):
+            raise ValueError(
+                f"teacher_temperature={t_g!r} differs from temperature={temperature!r}: the "
+                "log-probabilities are rescaled by T_g/T and are no longer normalised over the "
+                "vocabulary, so this needs teacher_normalization='renormalize' and "
+                "topk_tail='none'"
+            )
+    return {
+        "teacher_normalization": o["teacher_normalization"],
+        "student_normalization": o["student_normalization"],
+        "topk_tail": o["topk_tail"],
+        "teacher_temperature": t_g,
+    }
 
 
 def _mix_weight(divergence: str, beta, alpha) -> float:

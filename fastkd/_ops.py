@@ -12,12 +12,15 @@ only ``KDConfig.to_op_args`` / ``KDConfig.from_op_args`` cross this boundary.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
 from . import _backends, _rows
 from ._config import KDConfig
 from ._rows import RowArgs
+from .topk import TopKTeacher
 
 _LIB = torch.library.Library("fastkd", "FRAGMENT")
 _INPUTS = "Tensor teacher, Tensor? labels, Tensor? num_items_in_batch"
@@ -30,6 +33,18 @@ _LIB.define(
 # (loss, kd, ce, reduction_factor), with dloss/dstudent written over the student logits.
 _LIB.define(
     f"kd_loss_inplace(Tensor(a!) student, {_INPUTS}, {KDConfig.op_schema()}) "
+    "-> (Tensor, Tensor, Tensor, Tensor)"
+)
+# The same with a top-k teacher (design.md §4) in place of the teacher logits: its (..., K)
+# token ids, log-probabilities and optional mask (fastkd.TopKTeacher's fields).
+_TOPK_INPUTS = "Tensor token_ids, Tensor logprobs, Tensor? mask, Tensor? labels, " \
+    "Tensor? num_items_in_batch"  # fmt: skip
+_LIB.define(
+    f"topk_kd_loss(Tensor student, {_TOPK_INPUTS}, bool compute_grad, {KDConfig.op_schema()}) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_LIB.define(
+    f"topk_kd_loss_inplace(Tensor(a!) student, {_TOPK_INPUTS}, {KDConfig.op_schema()}) "
     "-> (Tensor, Tensor, Tensor, Tensor)"
 )
 # grad *= grad_output (a scalar, or one value per leading index), in place.
@@ -49,7 +64,7 @@ def _loss_shape(student: Tensor, config: KDConfig) -> torch.Size:
 
 def _kd_forward(
     student: Tensor,
-    teacher: Tensor,
+    teacher: Tensor | TopKTeacher,
     labels: Tensor | None,
     num_items_in_batch: Tensor | None,
     config: KDConfig,
@@ -65,10 +80,11 @@ def _kd_forward(
     reduction_factor = _rows.reduction_factor(
         config, n_rows, size0, labels_rows, num_items_in_batch, student.device
     )
-    row_kernel, _ = _backends.row_kernel(config.backend)
+    topk = isinstance(teacher, TopKTeacher)
+    row_kernel, _ = _backends.row_kernel(config.backend, topk=topk)
     rows = RowArgs(
         student=student_rows,
-        teacher=_rows.as_rows(teacher, V),
+        teacher=teacher.as_rows() if topk else _rows.as_rows(teacher, V),
         labels=labels_rows,
         grad=None if grad is None else grad.view(n_rows, V),
         reduction_factor=torch.ones_like(reduction_factor)
@@ -81,7 +97,6 @@ def _kd_forward(
     return loss, kd, ce, reduction_factor
 
 
-@torch.library.register_kernel("fastkd::kd_loss", None, lib=_LIB)
 def _kd_loss(student, teacher, labels, num_items_in_batch, compute_grad, *config_args):
     config = KDConfig.from_op_args(config_args)
     grad = (
@@ -95,7 +110,6 @@ def _kd_loss(student, teacher, labels, num_items_in_batch, compute_grad, *config
     return loss, kd, ce, student.new_empty(0) if grad is None else grad, reduction_factor
 
 
-@torch.library.register_fake("fastkd::kd_loss", lib=_LIB)
 def _kd_loss_fake(student, teacher, labels, num_items_in_batch, compute_grad, *config_args):
     shape = _loss_shape(student, KDConfig.from_op_args(config_args))
     out = [student.new_empty(shape, dtype=torch.float32) for _ in range(3)]
@@ -103,14 +117,35 @@ def _kd_loss_fake(student, teacher, labels, num_items_in_batch, compute_grad, *c
     return out[0], out[1], out[2], grad, student.new_empty((), dtype=torch.float32)
 
 
-@torch.library.register_kernel("fastkd::kd_loss_inplace", None, lib=_LIB)
 def _kd_loss_inplace(student, teacher, labels, num_items_in_batch, *config_args):
     config = KDConfig.from_op_args(config_args)
     _check_inplace_memory(student, teacher)
     return _kd_forward(student, teacher, labels, num_items_in_batch, config, student)
 
 
-def _check_inplace_memory(student: Tensor, teacher: Tensor) -> None:
+def _topk_kd_loss(student, token_ids, logprobs, mask, labels, num_items_in_batch, compute_grad,
+                  *config_args):  # fmt: skip
+    return _kd_loss(student, TopKTeacher(token_ids, logprobs, mask), labels, num_items_in_batch,
+                    compute_grad, *config_args)  # fmt: skip
+
+
+def _topk_kd_loss_fake(student, token_ids, logprobs, mask, labels, num_items_in_batch,
+                       compute_grad, *config_args):  # fmt: skip
+    return _kd_loss_fake(student, None, labels, num_items_in_batch, compute_grad, *config_args)
+
+
+def _topk_kd_loss_inplace(student, token_ids, logprobs, mask, labels, num_items_in_batch,
+                          *config_args):  # fmt: skip
+    teacher = TopKTeacher(token_ids, logprobs, mask)
+    return _kd_loss_inplace(student, teacher, labels, num_items_in_batch, *config_args)
+
+
+def _topk_kd_loss_inplace_fake(student, token_ids, logprobs, mask, labels, num_items_in_batch,
+                               *config_args):  # fmt: skip
+    return _kd_loss_inplace_fake(student, None, labels, num_items_in_batch, *config_args)
+
+
+def _check_inplace_memory(student: Tensor, teacher: Tensor | TopKTeacher) -> None:
     """The layouts the in-place op can write over, checked in the op with the tensors it is
     given (eagerly, or at run time inside a compiled graph), before the kernel runs."""
     V = student.shape[-1]
@@ -132,6 +167,13 @@ def _check_inplace_memory(student: Tensor, teacher: Tensor) -> None:
             f"memory (strides {student.stride()}, e.g. an expanded tensor); pass a copy or "
             "inplace_backward=False"
         )
+    if isinstance(teacher, TopKTeacher):
+        if _memory_overlaps(student, teacher.logprobs):
+            raise ValueError(
+                "inplace_backward=True would overwrite the teacher's logprobs while the kernel "
+                "reads them: they share memory with student_logits; pass a copy"
+            )
+        return
     if _memory_overlaps(student, teacher) and not _same_view(student, teacher):
         raise ValueError(
             "inplace_backward=True would overwrite teacher_logits while the kernel reads it: "
@@ -165,11 +207,22 @@ def _same_view(a: Tensor, b: Tensor) -> bool:
     )
 
 
-@torch.library.register_fake("fastkd::kd_loss_inplace", lib=_LIB)
 def _kd_loss_inplace_fake(student, teacher, labels, num_items_in_batch, *config_args):
     shape = _loss_shape(student, KDConfig.from_op_args(config_args))
     out = tuple(student.new_empty(shape, dtype=torch.float32) for _ in range(3))
     return out + (student.new_empty((), dtype=torch.float32),)
+
+
+# (register_kernel and register_fake return None as decorators: the functions above call
+# each other, so they are registered here.)
+for _op, _kernel, _fake in (
+    ("fastkd::kd_loss", _kd_loss, _kd_loss_fake),
+    ("fastkd::kd_loss_inplace", _kd_loss_inplace, _kd_loss_inplace_fake),
+    ("fastkd::topk_kd_loss", _topk_kd_loss, _topk_kd_loss_fake),
+    ("fastkd::topk_kd_loss_inplace", _topk_kd_loss_inplace, _topk_kd_loss_inplace_fake),
+):
+    torch.library.register_kernel(_op, None, _kernel, lib=_LIB)
+    torch.library.register_fake(_op, _fake, lib=_LIB)
 
 
 @torch.library.register_kernel("fastkd::scale_grad_", None, lib=_LIB)
@@ -204,8 +257,12 @@ def _scale_stored_grad(ctx, d_loss: Tensor) -> Tensor:
     return grad
 
 
+_N_CONFIG_ARGS = len(dataclasses.fields(KDConfig))
+
+
 def _setup_context(ctx, inputs, output):
-    student, _teacher, _labels, _num_items, _compute_grad, *config_args = inputs
+    # Both ops: the student first, the config's fields last.
+    student, config_args = inputs[0], inputs[-_N_CONFIG_ARGS:]
     _loss, kd, ce, grad, reduction_factor = output
     ctx.config = KDConfig.from_op_args(config_args)
     ctx.n_inputs = len(inputs)
@@ -225,19 +282,29 @@ def _backward(ctx, d_loss, d_kd, d_ce, d_grad, d_factor):
     return (_scale_stored_grad(ctx, d_loss),) + (None,) * (ctx.n_inputs - 1)
 
 
-torch.library.register_autograd(
-    "fastkd::kd_loss", _backward, setup_context=_setup_context, lib=_LIB
-)
+for _op in ("fastkd::kd_loss", "fastkd::topk_kd_loss"):
+    torch.library.register_autograd(_op, _backward, setup_context=_setup_context, lib=_LIB)
+
+
+def _teacher_args(teacher: Tensor | TopKTeacher) -> tuple:
+    """The op's teacher arguments: the logits, or a TopKTeacher's three fields."""
+    if isinstance(teacher, TopKTeacher):
+        return teacher.token_ids, teacher.logprobs, teacher.mask
+    return (teacher,)
 
 
 class _KDLossInplace(torch.autograd.Function):
-    """The in-place op under autograd: the student logits hold the gradient afterwards."""
+    """The in-place ops under autograd: the student logits hold the gradient afterwards."""
 
     @staticmethod
-    def forward(ctx, student, teacher, labels, num_items_in_batch, config):
-        loss, kd, ce, reduction_factor = torch.ops.fastkd.kd_loss_inplace(
-            student, teacher, labels, num_items_in_batch, *config.to_op_args()
+    def forward(ctx, student, labels, num_items_in_batch, config, *teacher_args):
+        op = torch.ops.fastkd.kd_loss_inplace
+        if len(teacher_args) == 3:
+            op = torch.ops.fastkd.topk_kd_loss_inplace
+        loss, kd, ce, reduction_factor = op(
+            student, *teacher_args, labels, num_items_in_batch, *config.to_op_args()
         )
+        ctx.n_teacher_args = len(teacher_args)
         ctx.config = config
         ctx.defers_factor = _defers_factor(student, config)
         ctx.backward_done = False
@@ -247,21 +314,23 @@ class _KDLossInplace(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_loss, d_kd, d_ce):
-        return _scale_stored_grad(ctx, d_loss), None, None, None, None
+        return (_scale_stored_grad(ctx, d_loss), None, None, None) + (None,) * ctx.n_teacher_args
 
 
 def kd_loss_through_kernels(
     student: Tensor,
-    teacher: Tensor,
+    teacher: Tensor | TopKTeacher,
     labels: Tensor | None,
     num_items_in_batch: Tensor | None,
     config: KDConfig,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Validated arguments and a config with a kernel backend in, (loss, kd, ce) out."""
     compute_grad = torch.is_grad_enabled() and student.requires_grad
+    teacher_args = _teacher_args(teacher)
     if compute_grad and config.inplace_backward:
-        return _KDLossInplace.apply(student, teacher, labels, num_items_in_batch, config)
-    loss, kd, ce, _, _ = torch.ops.fastkd.kd_loss(
-        student, teacher, labels, num_items_in_batch, compute_grad, *config.to_op_args()
+        return _KDLossInplace.apply(student, labels, num_items_in_batch, config, *teacher_args)
+    op = torch.ops.fastkd.topk_kd_loss if len(teacher_args) == 3 else torch.ops.fastkd.kd_loss
+    loss, kd, ce, _, _ = op(
+        student, *teacher_args, labels, num_items_in_batch, compute_grad, *config.to_op_args()
     )
     return loss, kd.detach(), ce.detach()

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from ._rows import RowArgs, RowLosses
 from .reference import reference_loss
+from .topk_reference import topk_reference_loss
 
 # Peak floats held per element of a chunk's (rows, V) logits while row_kernel runs with a
 # gradient (student and teacher logits, log-probabilities, probabilities, mixtures and their
@@ -28,6 +29,15 @@ REFERENCE_ROW_FLOATS = 19
 def row_kernel(rows: RowArgs) -> RowLosses:
     """The fastkd._rows interface on the spec: D and CE per row; ``rows.grad`` (may be the
     student) receives reduction_factor * dL/ds, as the kernels define it."""
+    return _spec_rows(rows, reference_loss)
+
+
+def topk_row_kernel(rows: RowArgs) -> RowLosses:
+    """:func:`row_kernel` for a TopKTeacher's rows (the spec of design.md §4)."""
+    return _spec_rows(rows, topk_reference_loss)
+
+
+def _spec_rows(rows: RowArgs, spec_loss) -> RowLosses:
     # The kernels' D per row: without the reduction and the T^2 factor (the driver applies
     # them), and CE only where labels come with it.
     config = dataclasses.replace(
@@ -39,7 +49,7 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     )
     with torch.enable_grad():
         s = rows.student.detach().requires_grad_(rows.grad is not None)
-        loss_per_row, kd_per_row, ce_per_row = reference_loss(
+        loss_per_row, kd_per_row, ce_per_row = spec_loss(
             s, rows.teacher, rows.labels, None, config
         )
         if rows.grad is not None:

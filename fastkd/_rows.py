@@ -19,6 +19,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from ._config import KDConfig
+    from .topk import TopKTeacher
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,7 @@ class RowArgs:
     """One row-kernel call over n rows of a V-entry vocabulary."""
 
     student: Tensor  # (n, V) logits, unit stride along V
-    teacher: Tensor  # (n, V) logits, unit stride along V
+    teacher: Tensor | TopKTeacher  # (n, V) logits, unit stride along V; or (n, K) pairs
     labels: Tensor | None  # (n,) integers, or None
     # (n, V) in the student's dtype, or None for the loss only: receives
     # reduction_factor * dL/ds. It may be ``student`` itself (a kernel reads an entry before

@@ -15,6 +15,8 @@ from typing_extensions import Unpack
 from . import _backends, _ops
 from ._config import KDConfig, KDOptions, check_flags, check_labels, check_logits, check_num_items
 from .reference import reference_loss
+from .topk import TopKTeacher
+from .topk_reference import check_topk_inputs, topk_reference_loss
 
 
 class KDLossOutput(NamedTuple):
@@ -55,16 +57,23 @@ def kd_loss(
 def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config: KDConfig,
              return_components: bool):  # fmt: skip
     """kd_loss with its options already in a validated config."""
-    check_logits(student_logits, teacher_logits)
+    topk = isinstance(teacher_logits, TopKTeacher)
+    if topk:
+        check_topk_inputs(student_logits, teacher_logits)
+        dtype = student_logits.dtype
+    else:
+        _check_dense_options(config)
+        check_logits(student_logits, teacher_logits)
+        dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
                  student_logits.device, config)  # fmt: skip
     num_items = check_num_items(num_items_in_batch, student_logits.device)
-    dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     config = config.with_backend(_backends.resolve(config.backend, student_logits.device, dtype))
     teacher = teacher_logits.detach()
 
     if config.backend == "torch":
-        loss, kd, ce = reference_loss(student_logits, teacher, labels, num_items, config)
+        spec_loss = topk_reference_loss if topk else reference_loss
+        loss, kd, ce = spec_loss(student_logits, teacher, labels, num_items, config)
         kd, ce = kd.detach(), None if ce is None else ce.detach()
     else:
         if config.inplace_backward and student_logits.requires_grad and torch.is_grad_enabled():
@@ -77,6 +86,15 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
     if return_components:
         return KDLossOutput(loss, kd, ce)
     return loss
+
+
+def _check_dense_options(config: KDConfig) -> None:
+    options = config.topk_options_set
+    if options:
+        raise ValueError(
+            f"{options[0]} is an option of top-k teachers (design.md §4): pass the teacher as "
+            "a fastkd.TopKTeacher, or leave it at its default with teacher logits"
+        )
 
 
 def _check_inplace_leaf(student: Tensor) -> None:

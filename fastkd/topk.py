@@ -16,10 +16,6 @@ from torch import Tensor
 
 from ._config import check_dense_tensor
 
-TEACHER_NORMALIZATIONS = ("raw", "renormalize")
-STUDENT_NORMALIZATIONS = ("full", "topk")
-TOPK_TAILS = ("none", "bucket")
-
 
 @dataclass(frozen=True)
 class TopKTeacher:
@@ -71,6 +67,17 @@ class TopKTeacher:
         # NaN is not padding: a NaN logprob makes its row NaN (only mask and -inf pad).
         live = self.logprobs != -torch.inf
         return live if self.mask is None else live & self.mask
+
+    def as_rows(self) -> TopKTeacher:
+        """The pairs as (n, K) rows, one per leading index (views where they can be)."""
+        k = self.k
+        mask = None if self.mask is None else self.mask.reshape(-1, k)
+        return TopKTeacher(self.token_ids.reshape(-1, k), self.logprobs.reshape(-1, k), mask)
+
+    def rows(self, start: int, stop: int) -> TopKTeacher:
+        """Rows [start, stop) of (n, K) rows."""
+        mask = None if self.mask is None else self.mask[start:stop]
+        return TopKTeacher(self.token_ids[start:stop], self.logprobs[start:stop], mask)
 
     def detach(self) -> TopKTeacher:
         return TopKTeacher(self.token_ids, self.logprobs.detach(), self.mask)

@@ -61,65 +61,10 @@ from ._config import (
     check_float_tensor,
     check_labels,
     check_num_items,
-    check_number,
     check_values,
 )
 from .reference import divergence_per_row, reduce_reference
-from .topk import STUDENT_NORMALIZATIONS, TEACHER_NORMALIZATIONS, TOPK_TAILS, TopKTeacher
-
-
-@dataclass(frozen=True)
-class TopKConfig:
-    """The top-k options of one loss, validated against its :class:`KDConfig`.
-
-    ``teacher_logprob_scale`` is T_g/T, the factor on the stored log-probabilities (1.0 when
-    ``teacher_temperature`` is None or equals T).
-    """
-
-    teacher_normalization: str
-    student_normalization: str
-    topk_tail: str
-    teacher_logprob_scale: float
-
-    @classmethod
-    def from_options(
-        cls,
-        config: KDConfig,
-        teacher_normalization: str = "raw",
-        student_normalization: str = "full",
-        topk_tail: str = "none",
-        teacher_temperature: float | None = None,
-    ) -> TopKConfig:
-        for name, value, allowed in (
-            ("teacher_normalization", teacher_normalization, TEACHER_NORMALIZATIONS),
-            ("student_normalization", student_normalization, STUDENT_NORMALIZATIONS),
-            ("topk_tail", topk_tail, TOPK_TAILS),
-        ):
-            if not isinstance(value, str) or value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
-        if topk_tail == "bucket" and teacher_normalization != "raw":
-            raise ValueError(
-                "topk_tail='bucket' needs teacher_normalization='raw': the tail is the mass "
-                "the raw top-k leaves out, and a renormalised teacher leaves none"
-            )
-        if topk_tail == "bucket" and student_normalization != "full":
-            raise ValueError(
-                "topk_tail='bucket' needs student_normalization='full': a student "
-                "normalised over the top-k has no mass outside it"
-            )
-        scale = 1.0
-        if teacher_temperature is not None:
-            t_g = check_number("teacher_temperature", teacher_temperature, positive=True)
-            if t_g != config.temperature:
-                if teacher_normalization != "renormalize" or topk_tail != "none":
-                    raise ValueError(
-                        f"teacher_temperature={t_g!r} differs from temperature="
-                        f"{config.temperature!r}: the log-probabilities are rescaled by "
-                        "T_g/T and are no longer normalised over the vocabulary, so this "
-                        "needs teacher_normalization='renormalize' and topk_tail='none'"
-                    )
-                scale = t_g / config.temperature
-        return cls(teacher_normalization, student_normalization, topk_tail, scale)
+from .topk import TopKTeacher
 
 
 def topk_loss_reference(
@@ -128,29 +73,22 @@ def topk_loss_reference(
     labels: Tensor | None = None,
     *,
     divergence: str = "forward_kl",
-    teacher_normalization: str = "raw",
-    student_normalization: str = "full",
-    topk_tail: str = "none",
-    teacher_temperature: float | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     **options: Unpack[KDOptions],
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Returns (loss, kd, ce), each reduced, with loss = kd_weight * kd + ce_weight * ce.
 
     kd is T^2 * D (or D when scale_by_temperature_squared is False) with D over the top-k
-    support (design.md §4); ce is None when ce_weight is 0. ``options`` are the KDOptions
-    (``backend`` and ``inplace_backward`` are accepted and ignored). Every argument is
-    checked: a clear error naming it.
+    support (design.md §4); ce is None when ce_weight is 0. ``options`` are the KDOptions,
+    the top-k ones included (``backend`` and ``inplace_backward`` are accepted and ignored).
+    Every argument is checked: a clear error naming it.
     """
     config = KDConfig.from_options(divergence, **options)
-    topk = TopKConfig.from_options(
-        config, teacher_normalization, student_normalization, topk_tail, teacher_temperature
-    )
     check_topk_inputs(student_logits, teacher)
     check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
                  student_logits.device, config)  # fmt: skip
     num_items = check_num_items(num_items_in_batch, student_logits.device)
-    return topk_reference_loss(student_logits, teacher, labels, num_items, config, topk)
+    return topk_reference_loss(student_logits, teacher, labels, num_items, config)
 
 
 def check_topk_inputs(student_logits: Tensor, teacher: TopKTeacher) -> None:
@@ -178,31 +116,43 @@ def check_topk_inputs(student_logits: Tensor, teacher: TopKTeacher) -> None:
         raise ValueError(
             f"teacher has K = {teacher.k} pairs per row, more than the vocabulary V = {V}"
         )
-    live = _live_pairs(teacher)
+    live = live_pairs(teacher)
     ids = teacher.token_ids
     check_values(
         ~live | ((ids >= 0) & (ids < V)),
         f"teacher.token_ids must lie in [0, {V}) (the student's vocabulary) on every pair "
         f"that is not padding",
     )
-    counts = _support_counts(ids, live, V)
     check_values(
-        counts <= 1, "teacher.token_ids must be distinct within a row (among unpadded pairs)"
+        _distinct_in_rows(ids, live),
+        "teacher.token_ids must be distinct within a row (among unpadded pairs)",
     )
 
 
-def _live_pairs(teacher: TopKTeacher) -> Tensor:
+def live_pairs(teacher: TopKTeacher) -> Tensor:
     """(..., K) bool: the real pairs. Padding is mask False or a logprob of −inf; a NaN
     logprob is a real pair (its row is then NaN), unlike TopKTeacher.valid()."""
     live = teacher.logprobs != -math.inf
     return live if teacher.mask is None else live & teacher.mask
 
 
-def _support_counts(ids: Tensor, live: Tensor, V: int) -> Tensor:
-    """(..., V) int: how many real pairs of the row name each token (padding names none)."""
+def _distinct_in_rows(ids: Tensor, live: Tensor) -> Tensor:
+    """(...) bool: no two real pairs of a row share an id. Sorted, O(K log K) a row: nothing
+    of size V."""
+    # Padding gets ids below any real one, each its own: -1, -2, ...
+    k = ids.shape[-1]
+    pad = -torch.arange(1, k + 1, device=ids.device, dtype=torch.int64)
+    keyed = torch.where(live, ids.long(), pad.expand(ids.shape))
+    ordered = keyed.sort(-1).values
+    return (ordered[..., 1:] != ordered[..., :-1]).all(-1)
+
+
+def _support_mask(ids: Tensor, live: Tensor, V: int) -> Tensor:
+    """(..., V) bool: the entries a real pair of the row names (the reference materialises).
+    Counted with scatter_add: padding pairs are sent to entry 0 and must not unmark it."""
     safe_ids = torch.where(live, ids, 0).long()
     counts = torch.zeros((*ids.shape[:-1], V), dtype=torch.int32, device=ids.device)
-    return counts.scatter_add_(-1, safe_ids, live.to(torch.int32))
+    return counts.scatter_add(-1, safe_ids, live.to(torch.int32)) > 0
 
 
 def _masked_lse(x: Tensor, keep: Tensor) -> Tensor:
@@ -214,65 +164,115 @@ def _masked_lse(x: Tensor, keep: Tensor) -> Tensor:
     return torch.logsumexp(torch.where(keep & (x != -math.inf), x, -math.inf), -1)
 
 
-def topk_support_log_probs(
-    student_logits: Tensor,
-    teacher: TopKTeacher,
-    config: KDConfig,
-    topk: TopKConfig,
-    keep: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(log_p, log_q, nan_rows): the teacher's and the student's log-probabilities over the
-    support, (..., K) or (..., K + 1) with the tail last; padding (and an absent tail) is
-    −inf in both. ``nan_rows`` (...) is True on rows without a distribution. Rows where
-    ``keep`` is False are set aside (no pair, student logits 0)."""
-    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    s = student_logits.to(compute_dtype)
-    V = s.shape[-1]
-    live = _live_pairs(teacher)
-    if keep is not None:
-        s = torch.where(keep.unsqueeze(-1), s, 0.0)
-        live = live & keep.unsqueeze(-1)
-    has_support = live.any(-1)
-    if config.softcap is not None:
-        s = config.softcap * torch.tanh(s / config.softcap)
-    a = s / config.temperature
+@dataclass(frozen=True)
+class TeacherSupport:
+    """A top-k teacher over its support (design.md §4, "Teacher over S"), in the compute dtype.
 
-    # The teacher: a constant, its padding -inf.
-    ell = teacher.logprobs.detach().to(compute_dtype)
-    bad_teacher = (live & ~ell.isfinite()).any(-1)  # NaN or +inf on a real pair
-    ell = torch.where(live, ell * topk.teacher_logprob_scale, -math.inf)
+    ``live`` (..., K): the real pairs of kept rows; ``log_p`` (..., K), −inf on padding;
+    ``log_p_tail`` (...), the tail entry, −inf where it is absent (no tail option, a teacher
+    mass of 0 outside S, or S covering the vocabulary); ``bad`` (...): a real pair with a NaN
+    or +inf log-probability."""
+
+    live: Tensor
+    log_p: Tensor
+    log_p_tail: Tensor
+    bad: Tensor
+
+
+def teacher_support(
+    teacher: TopKTeacher, V: int, config: KDConfig, keep: Tensor | None, dtype: torch.dtype
+) -> TeacherSupport:
+    live = live_pairs(teacher)
+    if keep is not None:
+        live = live & keep.unsqueeze(-1)
+    ell = teacher.logprobs.detach().to(dtype)
+    bad = (live & ~ell.isfinite()).any(-1)
+    ell = torch.where(live, ell * config.teacher_logprob_scale, -math.inf)
     lse_ell = _masked_lse(ell, live)
-    if topk.teacher_normalization == "renormalize":
+    if config.teacher_normalization == "renormalize":
         log_p = torch.where(live, ell - lse_ell.unsqueeze(-1), -math.inf)
     else:
         log_p = ell
-
-    # The student at the support's ids (padding ids are never read).
-    safe_ids = torch.where(live, teacher.token_ids, 0).long()
-    a_S = a.gather(-1, safe_ids)
-    if topk.student_normalization == "topk":
-        lse_q = _masked_lse(a_S, live)
-        bad_student = ~lse_q.isfinite() & has_support
-        lse_q = torch.where(lse_q.isfinite(), lse_q, 0.0)
-    else:
-        lse_q = torch.logsumexp(a, -1)
-        bad_student = ~lse_q.isfinite()
-    log_q = torch.where(live, a_S - lse_q.unsqueeze(-1), -math.inf)
-
-    if topk.topk_tail == "bucket":
+    log_p_tail = torch.full_like(lse_ell, -math.inf)
+    if config.topk_tail == "bucket":
         # p_tail = 1 - sum_S e^l, in log space without the cancellation; 0 once rounding
         # pushes the sum to 1 or past it, and when S is the whole vocabulary.
         log_p_tail = torch.log(-torch.expm1(lse_ell.clamp(max=0.0)))
         covers_vocab = live.sum(-1) == V
-        has_tail = (log_p_tail > -math.inf) & ~covers_vocab
-        log_p_tail = torch.where(has_tail, log_p_tail, -math.inf)
+        log_p_tail = torch.where(covers_vocab, -math.inf, log_p_tail)
+    return TeacherSupport(live, log_p, log_p_tail, bad)
+
+
+def student_support_log_probs(
+    a_S: Tensor, lse_a: Tensor, lse_out: Tensor | None, support: TeacherSupport,
+    config: KDConfig,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """(log_q (..., K), log_q_tail (...), bad (...)): the student over the support.
+
+    ``a_S`` (..., K) are a = softcap(s)/T at the pairs' ids, ``lse_a`` (...) the lse of a over
+    the vocabulary and ``lse_out`` (...) over the entries outside S (None without the tail);
+    any constant shared by the three may be taken out of them (the kernels pass them relative
+    to a's maximum). ``bad`` marks rows whose normaliser is not finite."""
+    live = support.live
+    if config.student_normalization == "topk":
+        lse_q = _masked_lse(a_S, live)
+        bad = ~lse_q.isfinite() & live.any(-1)
+        lse_q = torch.where(lse_q.isfinite(), lse_q, 0.0)
+    else:
+        lse_q = lse_a
+        bad = ~lse_q.isfinite()
+        lse_q = torch.where(bad, 0.0, lse_q)
+    log_q = torch.where(live, a_S - lse_q.unsqueeze(-1), -math.inf)
+    log_q_tail = torch.full_like(lse_q, -math.inf)
+    if lse_out is not None:
         # q_tail from the entries outside S, never 1 - sum_S q (it cancels to 0 or below).
-        outside = _support_counts(teacher.token_ids, live, V) == 0
-        lse_outside = _masked_lse(a, outside)
-        log_q_tail = torch.where(has_tail, lse_outside - lse_q, -math.inf)
-        log_p = torch.cat([log_p, log_p_tail.unsqueeze(-1)], -1)
-        log_q = torch.cat([log_q, log_q_tail.unsqueeze(-1)], -1)
-    return log_p, log_q, bad_teacher | bad_student
+        has_tail = support.log_p_tail > -math.inf
+        log_q_tail = torch.where(has_tail, lse_out - lse_q, -math.inf)
+    return log_q, log_q_tail, bad
+
+
+def support_divergence(
+    support: TeacherSupport, log_q: Tensor, log_q_tail: Tensor, config: KDConfig
+) -> Tensor:
+    """D per row (...): design.md §1's table over the support and the tail entry (padding and
+    an absent tail enter both sides as −inf, which the table drops)."""
+    log_p = torch.cat([support.log_p, support.log_p_tail.unsqueeze(-1)], -1)
+    log_q = torch.cat([log_q, log_q_tail.unsqueeze(-1)], -1)
+    return divergence_per_row(log_p, log_q, config.divergence, config.mix_weight,
+                              config.mix_weight)  # fmt: skip
+
+
+def topk_support_log_probs(
+    student_logits: Tensor,
+    teacher: TopKTeacher,
+    config: KDConfig,
+    keep: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(log_p, log_q, nan_rows): the teacher's and the student's log-probabilities over the
+    support, (..., K + 1) with the tail last; padding (and an absent tail) is −inf in both.
+    ``nan_rows`` (...) is True on rows without a distribution. Rows where ``keep`` is False
+    are set aside (no pair, student logits 0)."""
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    s = student_logits.to(compute_dtype)
+    V = s.shape[-1]
+    if keep is not None:
+        s = torch.where(keep.unsqueeze(-1), s, 0.0)
+    if config.softcap is not None:
+        s = config.softcap * torch.tanh(s / config.softcap)
+    a = s / config.temperature
+    support = teacher_support(teacher, V, config, keep, compute_dtype)
+    live = support.live
+    # The student at the support's ids (padding ids are never read).
+    a_S = a.gather(-1, torch.where(live, teacher.token_ids, 0).long())
+    lse_out = None
+    if config.topk_tail == "bucket":
+        lse_out = _masked_lse(a, ~_support_mask(teacher.token_ids, live, V))
+    log_q, log_q_tail, bad = student_support_log_probs(
+        a_S, torch.logsumexp(a, -1), lse_out, support, config
+    )
+    log_p = torch.cat([support.log_p, support.log_p_tail.unsqueeze(-1)], -1)
+    log_q = torch.cat([log_q, log_q_tail.unsqueeze(-1)], -1)
+    return log_p, log_q, support.bad | bad
 
 
 def topk_reference_loss(
@@ -281,9 +281,8 @@ def topk_reference_loss(
     labels: Tensor | None,
     num_items_in_batch: Tensor | None,
     config: KDConfig,
-    topk: TopKConfig,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """:func:`topk_loss_reference` with its options in configs and its inputs checked
+    """:func:`topk_loss_reference` with its options in a config and its inputs checked
     (``num_items_in_batch`` as :func:`fastkd._config.check_num_items` returns it)."""
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(compute_dtype)
@@ -294,7 +293,7 @@ def topk_reference_loss(
         # An ignored row is 0 with a zero gradient whatever it holds (kd_loss_reference).
         s = torch.where(keep.unsqueeze(-1), s, 0.0)
 
-    log_p, log_q, nan_rows = topk_support_log_probs(s, teacher, config, topk, keep)
+    log_p, log_q, nan_rows = topk_support_log_probs(s, teacher, config, keep)
     kd_per_row = config.t_squared * divergence_per_row(
         log_p, log_q, config.divergence, config.mix_weight, config.mix_weight
     )

@@ -1,0 +1,142 @@
+"""The top-k row-kernel interface (design.md §4): two passes over the student per row.
+
+A top-k teacher is read as K (id, log-probability) pairs per row, so everything on the
+teacher's side and every formula of the divergence table is O(K) per row: fastkd/_topk_ops.py
+computes them in PyTorch on (n, K) tensors (the table of fastkd.reference, with autograd for
+its derivatives). What is O(V) per row is two kernels, the same for every divergence, which
+every kernel backend implements as module-level functions ``topk_row_stats`` and
+``topk_grad_rows`` (fastkd/_compiled_rows.py for "cpu"/"cuda", fastkd/triton/topk_kernels.py
+for "triton"); tests/topk_kernel_oracle.py is their float64 oracle.
+
+Rows: ``student`` (n, V) float32/bfloat16/float16, unit stride along V; ``ids`` (n, K) int64,
+the support's token ids, an entry < 0 meaning "no pair here" (padding: skipped, the student
+is never read there); the ids >= 0 of a row are distinct and lie in [0, V) (checked by the
+caller). ``labels`` (n,) int64 or None; a row whose label equals ``ignore_index`` is ignored.
+With x = softcap * tanh(s / softcap) (or s), a = x * float32(1 / T), S the row's ids >= 0:
+
+``topk_row_stats(student, ids, labels, *, temperature, softcap, tail, ce, ignore_index)``
+-> stats (n, 5) float32, the columns ``STATS``:
+
+- ``m_a`` = max_j a_j (0 when it is -inf), ``log_z_a`` = log sum_j exp(a_j - m_a): lse(a) =
+  m_a + log_z_a, kept apart so that log q = (a - m_a) - log_z_a keeps its digits for large
+  logits (as torch's log_softmax);
+- ``log_z_out`` = log sum_{j not in S} exp(a_j - m_a) when ``tail`` (else 0): summed over the
+  entries outside S, never as z_a - sum_S (that cancels when S holds nearly all the mass);
+  -inf when nothing outside S has mass;
+- ``m_s``, ``log_z_s``: the same for x at temperature 1 when ``ce`` (hard-label CE), else 0.
+
+Ignored rows: all 0, and the row is not read. A NaN or +inf logit makes log_z_a NaN; a row of
+-inf only gives log_z_a = -inf.
+
+``topk_grad_rows(student, ids, student_at_ids, labels, stats, row_coefs, pair_grads, grad, *,
+temperature, softcap, ignore_index)`` writes ``grad`` (n, V) in the student's dtype, which
+may be ``student`` itself (in-place backward: an entry is read before it is written;
+``student_at_ids`` (n, K), gathered before the call, holds the student's logits at ids).
+``row_coefs`` (n, 3) float32 are (c_q, c_out, c_ce) and ``pair_grads`` (n, K) float32 are d_i,
+both already multiplied by the reduction's factor and the loss's weights. For every j::
+
+    g_j = (c_q q_j + c_out r_j + c_ce (sm_j - [j == label])) * cap'(x_j)
+    q_j = exp((a_j - m_a) - log_z_a), r_j = exp((a_j - m_a) - log_z_out),
+    sm_j = exp((x_j - m_s) - log_z_s), cap'(x) = 1 - (x / softcap)^2 (1 without softcap)
+
+then, after the row's dense writes, for every pair i with ids_i >= 0 (x_i from student_at_ids)::
+
+    g_{ids_i} = (c_q q_i + d_i + c_ce (sm_i - [ids_i == label])) * cap'(x_i)
+
+A term whose coefficient is exactly 0 is skipped (exactly 0, even where its exp is inf or
+NaN), the CE term also without labels. Ignored rows get g = 0.
+
+Why this split: the gradient of D with respect to a is, with u = log_z_a and w = log_z_out
+(m_a a constant), dD/da_j = dD/du q_j + [j not in S] dD/dw r_j + [j in S] dD/da_i: the
+K-side autograd gives (dD/du, dD/dw, dD/da_S) and the kernel spreads them over V once.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import _backends
+from ._rows import RowArgs, RowLosses
+from .topk_reference import student_support_log_probs, support_divergence, teacher_support
+
+STATS = ("m_a", "log_z_a", "log_z_out", "m_s", "log_z_s")
+ROW_COEFS = ("c_q", "c_out", "c_ce")
+
+
+def _capped_scaled(x: Tensor, config) -> tuple[Tensor, Tensor]:
+    """(x soft-capped, a = x / T) in float32, as the kernels form them (a = x * float32(1/T))."""
+    x = x.float()
+    if config.softcap is not None:
+        x = config.softcap * torch.tanh(x / config.softcap)
+    return x, x * (1.0 / config.temperature)
+
+
+def row_kernel(rows: RowArgs) -> RowLosses:
+    """The fastkd._rows interface for a TopKTeacher's rows on a kernel backend: D and CE per
+    row; ``rows.grad`` receives reduction_factor * dL/ds (design.md §4's gradient)."""
+    config = rows.config
+    student, teacher, labels = rows.student, rows.teacher, rows.labels
+    n, V = student.shape
+    if n == 0:
+        empty = student.new_zeros(0, dtype=torch.float32)
+        return RowLosses(empty, empty)
+    row_stats, grad_rows = _backends.topk_kernels(config.backend)
+    keep = None if labels is None else labels != config.ignore_index
+    support = teacher_support(teacher, V, config, keep, torch.float32)
+    # Pairs outside the support (padding, ignored rows) are -1: the kernels skip them.
+    ids = torch.where(support.live, teacher.token_ids.long(), -1)
+    tail = config.topk_tail == "bucket"
+    has_ce = labels is not None and config.has_ce
+    stats = row_stats(student, ids, labels, temperature=config.temperature,
+                      softcap=config.softcap, tail=tail, ce=has_ce,
+                      ignore_index=config.ignore_index)  # fmt: skip
+    m_a, log_z_a, log_z_out, m_s, log_z_s = stats.unbind(1)
+    # Gathered before the gradient kernel, which may write over the student.
+    student_at_ids = student.gather(1, ids.clamp(min=0))
+    _, a_S = _capped_scaled(student_at_ids, config)
+
+    # The O(K) side: the table over the support, in float32, with its derivatives with
+    # respect to a_S, u = log_z_a and w = log_z_out (all relative to m_a) by torch.func.vjp
+    # (an op's implementation runs below autograd: torch.autograd.grad would see no graph).
+    a_rel = a_S - m_a.unsqueeze(1)
+
+    def divergence(a_rel, u, w):
+        log_q, log_q_tail, bad = student_support_log_probs(
+            a_rel, u, w if tail else None, support, config
+        )
+        return support_divergence(support, log_q, log_q_tail, config), bad
+
+    if rows.grad is None:
+        kd_per_row, bad_student = divergence(a_rel, log_z_a, log_z_out)
+    else:
+        kd_per_row, vjp, bad_student = torch.func.vjp(
+            divergence, a_rel, log_z_a, log_z_out, has_aux=True
+        )
+        d_a_rel, d_u, d_w = vjp(torch.ones_like(kd_per_row))
+    bad = support.bad | bad_student
+    nan_rows = torch.where(bad, math.nan, 0.0)
+    kd_per_row = kd_per_row.detach() + nan_rows
+    if keep is not None:
+        kd_per_row = torch.where(keep, kd_per_row, 0.0)
+
+    ce_per_row = torch.zeros(n, dtype=torch.float32, device=student.device)
+    if has_ce:
+        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(1)
+        x_label, _ = _capped_scaled(student.gather(1, safe_labels).squeeze(1), config)
+        ce_per_row = torch.where(keep, (m_s - x_label) + log_z_s, 0.0)
+
+    if rows.grad is not None:
+        kd_coef = rows.reduction_factor.float() * config.kd_grad_coef
+        c_q = (d_u + nan_rows) * kd_coef
+        c_out = d_w * kd_coef
+        c_ce = torch.full_like(c_q, config.ce_weight if has_ce else 0.0)
+        c_ce = c_ce * rows.reduction_factor.float()
+        pair_grads = d_a_rel * kd_coef
+        row_coefs = torch.stack([c_q, c_out, c_ce], 1)
+        grad_rows(student, ids, student_at_ids, labels, stats, row_coefs, pair_grads,
+                  rows.grad, temperature=config.temperature, softcap=config.softcap,
+                  ignore_index=config.ignore_index)  # fmt: skip
+    return RowLosses(kd_per_row, ce_per_row)
