@@ -33,6 +33,7 @@ from . import _backends, _reference_rows, _rows
 from ._config import KDConfig
 from ._linear_heads import Head, chunk_rows
 from ._rows import RowArgs
+from .topk import TopKTeacher
 
 # Floats per element of a chunk's (rows, V) logits that the kernel path holds: student and
 # teacher logits, plus room for the gradient's cast to a low-precision weight dtype.
@@ -70,6 +71,26 @@ class _Grads:
         )
 
 
+class _TopKRows:
+    """A top-k teacher as the loop's teacher: the chunk's (id, log-probability) pairs, no
+    matmul (three matmuls a chunk instead of four)."""
+
+    def __init__(self, token_ids: Tensor, logprobs: Tensor, mask: Tensor | None) -> None:
+        self.pairs = TopKTeacher(token_ids, logprobs, mask).as_rows()
+
+    def chunk(self, index, dtype: torch.dtype) -> TopKTeacher:
+        p = self.pairs
+        mask = None if p.mask is None else p.mask[index]
+        return TopKTeacher(p.token_ids[index], p.logprobs[index], mask)
+
+
+def _teacher_chunk(teacher: Head | _TopKRows, index, dtype: torch.dtype):
+    """The teacher of the rows ``index``: their logits in ``dtype``, or their top-k pairs."""
+    if isinstance(teacher, _TopKRows):
+        return teacher.chunk(index, dtype)
+    return teacher.logits(teacher.rows(index)).to(dtype)
+
+
 def _kept_rows(labels1: Tensor | None, ignore_index: int, n_rows: int):
     """(index of the rows not ignored, or None for all of them; their count).
 
@@ -101,7 +122,7 @@ def _chunk_loop(
     matmuls: the backward of reduction="none".
     """
     n_rows = student.hidden.shape[0]
-    kernels = _backends.row_kernel(config.backend)
+    kernels = _backends.row_kernel(config.backend, topk=isinstance(teacher, _TopKRows))
     kd_all = torch.zeros(n_rows, dtype=student.wide, device=student.hidden.device)
     ce_all = torch.zeros_like(kd_all)
     for start in range(0, n_kept, chunk_rows):
@@ -122,7 +143,7 @@ def _run_chunk(
     row_kernel, scale_rows_ = kernels
     h_s = student.rows(index)
     s = student.logits(h_s)
-    t = teacher.logits(teacher.rows(index)).to(s.dtype)
+    t = _teacher_chunk(teacher, index, s.dtype)
     labels_c = labels1[index] if (labels1 is not None and config.has_ce) else None
     grad = s if grads is not None else None  # the kernel writes dL/ds over the logits
     kd_c, ce_c = _rows.run_rows(row_kernel, RowArgs(s, t, labels_c, grad, reduction_factor, config))
@@ -140,10 +161,14 @@ def _run_chunk(
 
 
 def _prepare(config: KDConfig, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
-             num_items):  # fmt: skip
-    """Everything the loop needs: (student, teacher, labels1, reduction_factor, kept, n_kept)."""
+             num_items, topk_teacher: bool):  # fmt: skip
+    """Everything the loop needs: (student, teacher, labels1, reduction_factor, kept, n_kept).
+    With ``topk_teacher``, (t_hidden, t_weight, t_bias) are a TopKTeacher's (token_ids,
+    logprobs, mask)."""
     student = Head(s_hidden, s_weight, s_bias)
-    teacher = Head(t_hidden, t_weight, t_bias)
+    teacher = (
+        _TopKRows(t_hidden, t_weight, t_bias) if topk_teacher else Head(t_hidden, t_weight, t_bias)
+    )
     labels1 = None if labels is None else labels.reshape(-1)
     n_rows = student.hidden.shape[0]
     size0 = s_hidden.shape[0] if s_hidden.dim() > 1 else s_weight.shape[0]
@@ -154,12 +179,15 @@ def _prepare(config: KDConfig, s_hidden, s_weight, s_bias, t_hidden, t_weight, t
     return student, teacher, labels1, reduction_factor, kept, n_kept
 
 
-def _forward(config: KDConfig, chunk_rows: int, inputs: tuple, needs: tuple[bool, bool, bool]):
+def _forward(config: KDConfig, chunk_rows: int, inputs: tuple, needs: tuple[bool, bool, bool],
+             topk_teacher: bool):  # fmt: skip
     """(loss, kd, ce, grads): grads is None unless ``needs`` asks for any, and then holds
     the gradients for a grad_output of 1."""
     s_hidden = inputs[0]
     with torch.autocast(s_hidden.device.type, enabled=False):
-        student, teacher, labels1, reduction_factor, kept, n_kept = _prepare(config, *inputs)
+        student, teacher, labels1, reduction_factor, kept, n_kept = _prepare(
+            config, *inputs, topk_teacher
+        )
         grads = _Grads.allocate(student, needs, kept is None) if any(needs) else None
         losses = _rows.RowLosses(
             *_chunk_loop(
@@ -171,12 +199,15 @@ def _forward(config: KDConfig, chunk_rows: int, inputs: tuple, needs: tuple[bool
 
 
 def _backward_none(
-    config: KDConfig, chunk_rows: int, inputs: tuple, needs, grad_output: Tensor
-) -> _Grads:
+    config: KDConfig, chunk_rows: int, inputs: tuple, needs, grad_output: Tensor,
+    topk_teacher: bool,
+) -> _Grads:  # fmt: skip
     """reduction="none": recompute the chunks with each row's gradient times its
     grad_output (the loss per row is recomputed too, and dropped)."""
     with torch.autocast(inputs[0].device.type, enabled=False):
-        student, teacher, labels1, reduction_factor, kept, n_kept = _prepare(config, *inputs)
+        student, teacher, labels1, reduction_factor, kept, n_kept = _prepare(
+            config, *inputs, topk_teacher
+        )
         grads = _Grads.allocate(student, needs, kept is None)
         _chunk_loop(
             config, chunk_rows, student, teacher, labels1, kept, n_kept, reduction_factor, grads,
@@ -191,13 +222,14 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
-                num_items, config, chunk_rows, needs):  # fmt: skip
+                num_items, config, chunk_rows, needs, topk_teacher):  # fmt: skip
         inputs = (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels, num_items)
         deferred = config.reduction == "none"
         loss, kd, ce, grads = _forward(
-            config, chunk_rows, inputs, (False,) * 3 if deferred else needs
+            config, chunk_rows, inputs, (False,) * 3 if deferred else needs, topk_teacher
         )
         ctx.config, ctx.chunk_rows, ctx.needs = config, chunk_rows, needs
+        ctx.topk_teacher = topk_teacher
         ctx.shapes = (s_hidden.shape, s_weight.dtype, None if s_bias is None else s_bias.dtype)
         if deferred:
             ctx.save_for_backward(*inputs)
@@ -210,9 +242,10 @@ class _FusedLinearKD(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_loss, d_kd, d_ce):
         if d_loss is None:
-            return (None,) * 11
+            return (None,) * 12
         if ctx.config.reduction == "none":
-            grads = _backward_none(ctx.config, ctx.chunk_rows, ctx.saved_tensors, ctx.needs, d_loss)
+            grads = _backward_none(ctx.config, ctx.chunk_rows, ctx.saved_tensors, ctx.needs,
+                                   d_loss, ctx.topk_teacher)  # fmt: skip
             g_hidden, g_weight, g_bias = grads.finish(*ctx.shapes)
         else:
             if ctx.grads is None:
@@ -226,7 +259,7 @@ class _FusedLinearKD(torch.autograd.Function):
             for g in (g_hidden, g_weight, g_bias):
                 if g is not None:
                     g.mul_(d_loss)
-        return (g_hidden, g_weight, g_bias) + (None,) * 8
+        return (g_hidden, g_weight, g_bias) + (None,) * 9
 
 
 def loss_chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget, device) -> int:
@@ -241,12 +274,14 @@ def loss_chunk_rows(n_rows, V, logits_dtype, backend, chunk_size, memory_budget,
 
 
 def fused_linear_kd(
-    config: KDConfig, chunk_rows: int, inputs: tuple, needs: tuple[bool, bool, bool]
-):
+    config: KDConfig, chunk_rows: int, inputs: tuple, needs: tuple[bool, bool, bool],
+    topk_teacher: bool = False,
+):  # fmt: skip
     """Validated inputs (s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, labels,
     num_items) in, (loss, kd, ce) out; through autograd when ``needs`` asks for gradients of
-    (s_hidden, s_weight, s_bias)."""
+    (s_hidden, s_weight, s_bias). With ``topk_teacher`` the teacher's three are a
+    TopKTeacher's (token_ids, logprobs, mask)."""
     if any(needs):
-        return _FusedLinearKD.apply(*inputs, config, chunk_rows, needs)
-    loss, kd, ce, _ = _forward(config, chunk_rows, inputs, needs)
+        return _FusedLinearKD.apply(*inputs, config, chunk_rows, needs, topk_teacher)
+    loss, kd, ce, _ = _forward(config, chunk_rows, inputs, needs, topk_teacher)
     return loss, kd, ce

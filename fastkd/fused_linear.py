@@ -29,7 +29,9 @@ from ._linear_heads import (
     check_head_dtypes,
     wide_dtype,
 )
-from .losses import KDLossOutput
+from .losses import KDLossOutput, check_dense_options
+from .topk import TopKTeacher
+from .topk_reference import check_topk_teacher
 
 
 def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
@@ -64,13 +66,14 @@ def _config(divergence: str, options: KDOptions) -> KDConfig:
 def fused_linear_kd_loss(
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher_hidden: Tensor,
-    teacher_weight: Tensor,
+    teacher_hidden: Tensor | None = None,
+    teacher_weight: Tensor | None = None,
     labels: Tensor | None = None,
     student_bias: Tensor | None = None,
     teacher_bias: Tensor | None = None,
     num_items_in_batch: int | float | Tensor | None = None,
     *,
+    teacher: TopKTeacher | None = None,
     divergence: str = "forward_kl",
     chunk_size: int | None = None,
     memory_budget: int | None = None,
@@ -81,15 +84,45 @@ def fused_linear_kd_loss(
 
     Equals ``fastkd.kd_loss(student_hidden @ student_weight.T + student_bias, teacher_hidden
     @ teacher_weight.T + teacher_bias, labels, ...)`` in value and gradients (for the student
-    hidden states, weight and bias; the teacher is constant). See :class:`FusedLinearKDLoss`.
+    hidden states, weight and bias; the teacher is constant); with ``teacher=`` a
+    :class:`fastkd.TopKTeacher` instead of the teacher's tensors. See
+    :class:`FusedLinearKDLoss`.
     """
     config = _config(divergence, options)
     check_flags(return_components=return_components)
     check_chunking(chunk_size, memory_budget)
     return _fused_linear_kd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-        teacher_bias, num_items_in_batch, config, chunk_size, memory_budget, return_components,
+        teacher_bias, num_items_in_batch, teacher, config, chunk_size, memory_budget,
+        return_components,
     )  # fmt: skip
+
+
+def _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher) -> None:
+    """Either the teacher's hidden states and weight, or a TopKTeacher as ``teacher=``."""
+    dense = [
+        name
+        for name, x in (("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight),
+                        ("teacher_bias", teacher_bias))
+        if x is not None
+    ]  # fmt: skip
+    if teacher is not None:
+        if dense:
+            raise ValueError(
+                f"teacher= (a TopKTeacher) replaces the teacher's hidden states and weight; "
+                f"got {dense[0]} too"
+            )
+        if not isinstance(teacher, TopKTeacher):
+            raise TypeError(
+                f"teacher must be a fastkd TopKTeacher, got {type(teacher).__name__} (pass a "
+                "dense teacher as teacher_hidden and teacher_weight)"
+            )
+        return
+    if teacher_hidden is None or teacher_weight is None:
+        raise TypeError(
+            "FusedLinearKDLoss needs the teacher: teacher_hidden and teacher_weight, or "
+            "teacher= a fastkd.TopKTeacher"
+        )
 
 
 # A Python loop over data-dependent chunks: torch.compile runs it eagerly (a graph break)
@@ -97,10 +130,17 @@ def fused_linear_kd_loss(
 @torch.compiler.disable
 def _fused_linear_kd_loss(
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
-    teacher_bias, num_items_in_batch, config: KDConfig, chunk_size, memory_budget,
+    teacher_bias, num_items_in_batch, teacher, config: KDConfig, chunk_size, memory_budget,
     return_components,
 ):  # fmt: skip
     """fused_linear_kd_loss with its options already in a validated config."""
+    _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher)
+    if teacher is not None:
+        return _fused_linear_topk_loss(
+            student_hidden, student_weight, labels, student_bias, num_items_in_batch, teacher,
+            config, chunk_size, memory_budget, return_components,
+        )  # fmt: skip
+    check_dense_options(config)
     check_head("student_", student_hidden, student_weight, student_bias)
     check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
     _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
@@ -136,6 +176,43 @@ def _fused_linear_kd_loss(
     return loss
 
 
+def _fused_linear_topk_loss(
+    student_hidden, student_weight, labels, student_bias, num_items_in_batch,
+    teacher: TopKTeacher, config: KDConfig, chunk_size, memory_budget, return_components,
+):  # fmt: skip
+    """The fused loss against a top-k teacher (design.md §4): the student's three matmuls
+    a chunk, the teacher read as its pairs."""
+    check_head("student_", student_hidden, student_weight, student_bias)
+    check_bias("student_", student_weight, student_bias)
+    V = student_weight.shape[0]
+    if V == 0:
+        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    device = student_hidden.device
+    check_topk_teacher(teacher, student_hidden.shape[:-1], V, device)
+    s_hidden, s_weight, s_bias = autocast_cast(device, (student_hidden, student_weight,
+                                                        student_bias))  # fmt: skip
+    check_head_dtypes("student_", s_hidden, s_weight, s_bias)
+    check_labels(labels, s_hidden.shape[:-1], V, device, config)
+    num_items = check_num_items(num_items_in_batch, device)
+    logits_dtype = wide_dtype(s_hidden.dtype)
+    config = config.with_backend(_backends.resolve(config.backend, device, logits_dtype))
+    n_rows = s_hidden.numel() // s_hidden.shape[-1] if s_hidden.shape[-1] else 0
+    chunk_rows = loss_chunk_rows(
+        n_rows, V, logits_dtype, config.backend, chunk_size, memory_budget, device
+    )
+    pairs = teacher.detach()
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(
+        grad_on and x is not None and x.requires_grad for x in (s_hidden, s_weight, s_bias)
+    )
+    inputs = (s_hidden, s_weight, s_bias, pairs.token_ids, pairs.logprobs, pairs.mask, labels,
+              num_items)  # fmt: skip
+    loss, kd, ce = fused_linear_kd(config, chunk_rows, inputs, needs, topk_teacher=True)
+    if return_components:
+        return KDLossOutput(loss, kd.detach(), ce.detach() if config.has_ce else None)
+    return loss
+
+
 class FusedLinearKDLoss(nn.Module):
     """KDLoss from hidden states and LM-head weights: the logits are never held whole.
 
@@ -158,10 +235,14 @@ class FusedLinearKDLoss(nn.Module):
 
     Forward: ``(student_hidden (..., H_s), student_weight (V, H_s), teacher_hidden
     (..., H_t), teacher_weight (V, H_t), labels=None, student_bias=None, teacher_bias=None,
-    num_items_in_batch=None, *, return_components=False)``. H_s and H_t may differ; V must
-    match. Hidden, weight and bias of one model share a dtype (as for nn.Linear); under
-    torch.autocast they are cast like nn.Linear's. KDLoss's ``inplace_backward`` has no
-    counterpart: the chunk's logits are always overwritten by their gradient.
+    num_items_in_batch=None, *, teacher=None, return_components=False)``. H_s and H_t may
+    differ; V must match. A teacher seen only through its top-k log-probabilities comes as
+    ``teacher=`` a :class:`fastkd.TopKTeacher` (..., K) instead of its hidden states and
+    weight (``labels=`` then by keyword): three matmuls a chunk instead of four, and the
+    top-k options of :class:`fastkd.KDLoss` apply. Hidden, weight and bias of one model
+    share a dtype (as for nn.Linear); under torch.autocast they are cast like nn.Linear's.
+    KDLoss's ``inplace_backward`` has no counterpart: the chunk's logits are always
+    overwritten by their gradient.
 
     Memory beyond the inputs: grad_hidden, a float32 grad_weight accumulator (plus its cast
     when the weight is bf16/fp16), one chunk's buffers, O(N) per-row losses; on CPU, bf16/fp16
@@ -188,20 +269,21 @@ class FusedLinearKDLoss(nn.Module):
         self,
         student_hidden: Tensor,
         student_weight: Tensor,
-        teacher_hidden: Tensor,
-        teacher_weight: Tensor,
+        teacher_hidden: Tensor | None = None,
+        teacher_weight: Tensor | None = None,
         labels: Tensor | None = None,
         student_bias: Tensor | None = None,
         teacher_bias: Tensor | None = None,
         num_items_in_batch: int | float | Tensor | None = None,
         *,
+        teacher: TopKTeacher | None = None,
         return_components: bool = False,
     ) -> Tensor | KDLossOutput:
         check_flags(return_components=return_components)
         return _fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
-            student_bias, teacher_bias, num_items_in_batch, self.config, self.chunk_size,
-            self.memory_budget, return_components,
+            student_bias, teacher_bias, num_items_in_batch, teacher, self.config,
+            self.chunk_size, self.memory_budget, return_components,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

@@ -62,7 +62,7 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
         check_topk_inputs(student_logits, teacher_logits)
         dtype = student_logits.dtype
     else:
-        _check_dense_options(config)
+        check_dense_options(config)
         check_logits(student_logits, teacher_logits)
         dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
@@ -88,7 +88,8 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
     return loss
 
 
-def _check_dense_options(config: KDConfig) -> None:
+def check_dense_options(config: KDConfig) -> None:
+    """The top-k options belong to a TopKTeacher: a clear error with dense teacher logits."""
     options = config.topk_options_set
     if options:
         raise ValueError(

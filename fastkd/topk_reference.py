@@ -100,17 +100,25 @@ def check_topk_inputs(student_logits: Tensor, teacher: TopKTeacher) -> None:
     V = student_logits.shape[-1]
     if V == 0:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    check_topk_teacher(teacher, student_logits.shape[:-1], V, student_logits.device)
+
+
+def check_topk_teacher(
+    teacher: TopKTeacher, lead_shape: torch.Size, V: int, device: torch.device
+) -> None:
+    """A TopKTeacher (..., K) for student logits of shape (*lead_shape, V) on ``device``
+    (FusedLinearKDLoss has no logits to show, only their shape)."""
     if not isinstance(teacher, TopKTeacher):
         raise TypeError(f"teacher must be a fastkd TopKTeacher, got {type(teacher).__name__}")
-    if teacher.lead_shape != student_logits.shape[:-1]:
+    if teacher.lead_shape != lead_shape:
         raise ValueError(
-            f"teacher.token_ids (..., K) must have the student_logits' leading shape "
-            f"{tuple(student_logits.shape[:-1])}, got {tuple(teacher.token_ids.shape)}"
+            f"teacher.token_ids (..., K) must have the student logits' leading shape "
+            f"{tuple(lead_shape)}, got {tuple(teacher.token_ids.shape)}"
         )
-    if teacher.token_ids.device != student_logits.device:
+    if teacher.token_ids.device != device:
         raise ValueError(
-            f"teacher and student_logits must be on one device, got "
-            f"{teacher.token_ids.device} and {student_logits.device}"
+            f"teacher and the student must be on one device, got "
+            f"{teacher.token_ids.device} and {device}"
         )
     if teacher.k > V:
         raise ValueError(
