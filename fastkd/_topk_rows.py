@@ -32,23 +32,26 @@ Ignored rows: all 0, and the row is not read. A NaN or +inf logit makes log_z_a 
 temperature, softcap, ignore_index)`` writes ``grad`` (n, V) in the student's dtype, which
 may be ``student`` itself (in-place backward: an entry is read before it is written;
 ``student_at_ids`` (n, K), gathered before the call, holds the student's logits at ids).
-``row_coefs`` (n, 3) float32 are (c_q, c_out, c_ce) and ``pair_grads`` (n, K) float32 are d_i,
-both already multiplied by the reduction's factor and the loss's weights. For every j::
+``row_coefs`` (n, 2) float32 are (c_q, c_ce) and ``pair_grads`` (n, K) float32 are d_i, both
+already multiplied by the reduction's factor and the loss's weights. For every j::
 
-    g_j = (c_q q_j + c_out r_j + c_ce (sm_j - [j == label])) * cap'(x_j)
-    q_j = exp((a_j - m_a) - log_z_a), r_j = exp((a_j - m_a) - log_z_out),
-    sm_j = exp((x_j - m_s) - log_z_s), cap'(x) = 1 - (x / softcap)^2 (1 without softcap)
+    g_j = (c_q q_j + c_ce (sm_j - [j == label])) * cap'(x_j)
+    q_j = exp((a_j - m_a) - log_z_a), sm_j = exp((x_j - m_s) - log_z_s),
+    cap'(x) = 1 - (x / softcap)^2 (1 without softcap)
 
 then, after the row's dense writes, for every pair i with ids_i >= 0 (x_i from student_at_ids)::
 
-    g_{ids_i} = (c_q q_i + d_i + c_ce (sm_i - [ids_i == label])) * cap'(x_i)
+    g_{ids_i} = (d_i + c_ce (sm_i - [ids_i == label])) * cap'(x_i)
 
 A term whose coefficient is exactly 0 is skipped (exactly 0, even where its exp is inf or
 NaN), the CE term also without labels. Ignored rows get g = 0.
 
-Why this split: the gradient of D with respect to a is, with u = log_z_a and w = log_z_out
-(m_a a constant), dD/da_j = dD/du q_j + [j not in S] dD/dw r_j + [j in S] dD/da_i: the
-K-side autograd gives (dD/du, dD/dw, dD/da_S) and the kernel spreads them over V once.
+Why this split: design.md §4's gradient is q_j (h_j - Σ) with h constant outside S (g_tail,
+or 0 without the tail), so every entry outside S is c_q q_j with one constant per row, and
+the K entries of S take their own values d_i. Both are formed on the O(K) side in float64
+(``row_kernel`` below), so that neither cancels in the kernels' float32: the pairs' value is
+written whole, never as c_q q_i plus a correction (with a student leaving 1e-9 outside S,
+c_q is 1e6 and that sum would cancel to nothing).
 """
 
 from __future__ import annotations
@@ -60,10 +63,11 @@ from torch import Tensor
 
 from . import _backends
 from ._rows import RowArgs, RowLosses
-from .topk_reference import student_support_log_probs, support_divergence, teacher_support
+from .reference import divergence_log_q_grad, divergence_per_row
+from .topk_reference import student_support_log_probs, teacher_support
 
 STATS = ("m_a", "log_z_a", "log_z_out", "m_s", "log_z_s")
-ROW_COEFS = ("c_q", "c_out", "c_ce")
+ROW_COEFS = ("c_q", "c_ce")
 
 
 def _capped_scaled(x: Tensor, config) -> tuple[Tensor, Tensor]:
@@ -85,7 +89,11 @@ def row_kernel(rows: RowArgs) -> RowLosses:
         return RowLosses(empty, empty)
     row_stats, grad_rows = _backends.topk_kernels(config.backend)
     keep = None if labels is None else labels != config.ignore_index
-    support = teacher_support(teacher, V, config, keep, torch.float32)
+    # The O(K) side runs in float64: it costs O(n K), and the teacher's tail mass
+    # 1 - sum_S e^l of float32 log-probabilities is only exact there (a teacher holding all
+    # but 1e-9 would otherwise get a tail of float32 rounding noise).
+    wide = torch.float64
+    support = teacher_support(teacher, V, config, keep, wide)
     # Pairs outside the support (padding, ignored rows) are -1: the kernels skip them.
     ids = torch.where(support.live, teacher.token_ids.long(), -1)
     tail = config.topk_tail == "bucket"
@@ -93,50 +101,59 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     stats = row_stats(student, ids, labels, temperature=config.temperature,
                       softcap=config.softcap, tail=tail, ce=has_ce,
                       ignore_index=config.ignore_index)  # fmt: skip
-    m_a, log_z_a, log_z_out, m_s, log_z_s = stats.unbind(1)
+    m_a, log_z_a, log_z_out, m_s, log_z_s = stats.to(wide).unbind(1)
     # Gathered before the gradient kernel, which may write over the student.
     student_at_ids = student.gather(1, ids.clamp(min=0))
     _, a_S = _capped_scaled(student_at_ids, config)
 
-    # The O(K) side: the table over the support, in float32, with its derivatives with
-    # respect to a_S, u = log_z_a and w = log_z_out (all relative to m_a) by torch.func.vjp
-    # (an op's implementation runs below autograd: torch.autograd.grad would see no graph).
-    a_rel = a_S - m_a.unsqueeze(1)
-
-    def divergence(a_rel, u, w):
-        log_q, log_q_tail, bad = student_support_log_probs(
-            a_rel, u, w if tail else None, support, config
-        )
-        return support_divergence(support, log_q, log_q_tail, config), bad
-
-    if rows.grad is None:
-        kd_per_row, bad_student = divergence(a_rel, log_z_a, log_z_out)
-    else:
-        kd_per_row, vjp, bad_student = torch.func.vjp(
-            divergence, a_rel, log_z_a, log_z_out, has_aux=True
-        )
-        d_a_rel, d_u, d_w = vjp(torch.ones_like(kd_per_row))
+    # The O(K) side: the table over the support, in float64, and the gradient's constants.
+    # With qg = q g (g = dD/dq, the table's gradient column) and Σ = sum_S qg + qg_tail,
+    # "full" gives the pairs d_i = qg_i - q_i Σ and the rest c_q q_j, c_q = g_tail - Σ,
+    # written g_tail q_S - sum_S qg with q_S = sum_S q (1 - q_tail, summed: no cancellation
+    # when q_tail is near 1). "topk" normalises q over S: d_i = qg_i - q_i sum_S qg, c_q = 0.
+    a_rel = a_S.to(wide) - m_a.unsqueeze(1)
+    log_q, log_q_tail, bad_student = student_support_log_probs(
+        a_rel, log_z_a, log_z_out if tail else None, support, config
+    )
+    log_p_all = torch.cat([support.log_p, support.log_p_tail.unsqueeze(1)], 1)
+    log_q_all = torch.cat([log_q, log_q_tail.unsqueeze(1)], 1)
+    kd_per_row = divergence_per_row(log_p_all, log_q_all, config.divergence, config.mix_weight,
+                                    config.mix_weight)  # fmt: skip
+    if rows.grad is not None:
+        qg = divergence_log_q_grad(log_p_all, log_q_all, config.divergence, config.mix_weight,
+                                   config.mix_weight)  # fmt: skip
+        qg_S, qg_tail = qg[:, :-1], qg[:, -1]
+        q_pairs = log_q.exp()
+        sum_qg_S = qg_S.sum(1)
+        if config.student_normalization == "topk":
+            c_q = torch.zeros_like(sum_qg_S)
+            d_pairs = qg_S - q_pairs * sum_qg_S.unsqueeze(1)
+        else:
+            q_tail = log_q_tail.exp()
+            g_tail = torch.where(q_tail > 0, qg_tail / q_tail, 0.0)
+            # q_tail = 0 with tail mass (D = +inf): the limit autograd gives through the spec.
+            c_q = torch.where(q_tail > 0, g_tail * q_pairs.sum(1), -qg_tail) - sum_qg_S
+            d_pairs = qg_S - q_pairs * (sum_qg_S + qg_tail).unsqueeze(1)
     bad = support.bad | bad_student
     nan_rows = torch.where(bad, math.nan, 0.0)
-    kd_per_row = kd_per_row.detach() + nan_rows
+    kd_per_row = kd_per_row + nan_rows
     if keep is not None:
         kd_per_row = torch.where(keep, kd_per_row, 0.0)
 
-    ce_per_row = torch.zeros(n, dtype=torch.float32, device=student.device)
+    ce_per_row = torch.zeros(n, dtype=wide, device=student.device)
     if has_ce:
         safe_labels = torch.where(keep, labels, 0).long().unsqueeze(1)
         x_label, _ = _capped_scaled(student.gather(1, safe_labels).squeeze(1), config)
         ce_per_row = torch.where(keep, (m_s - x_label) + log_z_s, 0.0)
 
     if rows.grad is not None:
-        kd_coef = rows.reduction_factor.float() * config.kd_grad_coef
-        c_q = (d_u + nan_rows) * kd_coef
-        c_out = d_w * kd_coef
+        kd_coef = rows.reduction_factor.to(wide) * config.kd_grad_coef
+        c_q = (c_q + nan_rows) * kd_coef
         c_ce = torch.full_like(c_q, config.ce_weight if has_ce else 0.0)
-        c_ce = c_ce * rows.reduction_factor.float()
-        pair_grads = d_a_rel * kd_coef
-        row_coefs = torch.stack([c_q, c_out, c_ce], 1)
+        c_ce = c_ce * rows.reduction_factor.to(wide)
+        pair_grads = (d_pairs * kd_coef).float()
+        row_coefs = torch.stack([c_q, c_ce], 1).float()
         grad_rows(student, ids, student_at_ids, labels, stats, row_coefs, pair_grads,
                   rows.grad, temperature=config.temperature, softcap=config.softcap,
                   ignore_index=config.ignore_index)  # fmt: skip
-    return RowLosses(kd_per_row, ce_per_row)
+    return RowLosses(kd_per_row.float(), ce_per_row.float())

@@ -70,6 +70,42 @@ def divergence_per_row(
     return terms.sum(-1)
 
 
+def divergence_log_q_grad(
+    log_p: Tensor, log_q: Tensor, divergence: str, beta: float = 0.5, alpha: float = 0.1
+) -> Tensor:
+    """dD/d(log q_k) = q_k g_k per entry, g = dD/dq the design.md §1 table's gradient column:
+    the derivative of :func:`divergence_per_row` (the top-k path's O(K) side spreads it over
+    the vocabulary; autograd through divergence_per_row is its oracle in the tests). 0 where
+    q = 0."""
+    p, q = log_p.exp(), log_q.exp()
+    zero = torch.zeros_like(q)
+
+    def where_q(value: Tensor) -> Tensor:
+        return torch.where(q > 0, value, zero)
+
+    def finite(log_x: Tensor) -> Tensor:  # masked entries' -inf, out of the arithmetic
+        return torch.where(q > 0, log_x, 0.0)
+
+    if divergence in ("forward_kl", "soft_ce"):
+        return -p  # g = -p/q
+    if divergence == "reverse_kl":  # g = log q - log p + 1
+        return where_q(q * (finite(log_q) - finite(log_p) + 1.0))
+    if divergence == "jsd":  # g = (1 - beta) log(q/m)
+        log_m = finite(_log_mixture(log_p, log_q, beta))
+        return where_q((1 - beta) * q * (finite(log_q) - log_m))
+    if divergence == "skew_forward_kl":  # g = -(1 - alpha) p/m
+        log_m = finite(_log_mixture(log_p, log_q, alpha))
+        return where_q(-(1 - alpha) * torch.exp(finite(log_p) + finite(log_q) - log_m))
+    if divergence == "skew_reverse_kl":  # g = log(q/m) + 1 - alpha q/m, m = alpha q + (1-alpha) p
+        log_q_over_m = finite(log_q) - finite(_log_mixture(log_q, log_p, alpha))
+        return where_q(q * (log_q_over_m + 1.0 - alpha * torch.exp(log_q_over_m)))
+    if divergence == "tvd":  # g = sign(q - p) / 2
+        return 0.5 * q * torch.sign(q - p)
+    if divergence == "hellinger":  # g = (1 - sqrt(p/q)) / 2
+        return where_q(0.5 * (q - torch.exp(0.5 * (log_p + finite(log_q)))))
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
 def kd_loss_reference(
     student_logits: Tensor,
     teacher_logits: Tensor,

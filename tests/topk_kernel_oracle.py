@@ -59,19 +59,18 @@ def grad_rows(student, ids, student_at_ids, labels, stats, row_coefs, pair_grads
     coefs, d = row_coefs.cpu().double(), pair_grads.cpu().double()
     inv_t = float(torch.tensor(1.0 / temperature, dtype=torch.float32))
     n, V = s.shape
-    m_a, log_z_a, log_z_out, m_s, log_z_s = (stats[:, k : k + 1] for k in range(5))
-    c_q, c_out, c_ce = (coefs[:, k : k + 1] for k in range(3))
+    m_a, log_z_a, _, m_s, log_z_s = (stats[:, k : k + 1] for k in range(5))
+    c_q, c_ce = coefs[:, 0:1], coefs[:, 1:2]
 
     def entry(x, cols, pair_term):
         """The gradient at logits x (soft-capped) in columns cols; pair_term is d (pairs)
-        or None (the dense formula, with the tail term)."""
+        or None (the dense formula)."""
         a = x * inv_t
         # A term whose coefficient is 0 contributes exactly 0.
-        g = torch.where(c_q != 0, c_q * torch.exp((a - m_a) - log_z_a), 0.0)
         if pair_term is None:
-            g = g + torch.where(c_out != 0, c_out * torch.exp((a - m_a) - log_z_out), 0.0)
+            g = torch.where(c_q != 0, c_q * torch.exp((a - m_a) - log_z_a), 0.0)
         else:
-            g = g + pair_term
+            g = pair_term.clone()
         if labels is not None:
             onehot = (cols == labels.cpu().unsqueeze(-1)).double()
             sm = torch.exp((x - m_s) - log_z_s)
