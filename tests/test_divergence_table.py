@@ -4,6 +4,7 @@ docs/adding_a_divergence.md lists those places; a row added to the table without
 fails here, by name, rather than deep in the kernel matrix.
 """
 
+import math
 import re
 from pathlib import Path
 
@@ -79,3 +80,25 @@ def test_the_readme_documents_the_divergence(divergence):
 
 def test_the_registry_lists_the_kernel_backends():
     assert set(_backends.KERNEL_BACKENDS) | {"torch", "auto"} == set(_backends.BACKENDS)
+
+
+@pytest.mark.parametrize("divergence", sorted(fastkd.DIVERGENCES))
+def test_log_q_gradient_column_is_the_tables_derivative(divergence):
+    """reference.divergence_log_q_grad (the top-k path's gradient column) against autograd
+    through divergence_per_row, float64, with masked entries on either side."""
+    from fastkd.reference import divergence_log_q_grad, divergence_per_row
+
+    g = torch.Generator().manual_seed(11)
+    log_p = torch.log_softmax(torch.randn(5, 12, generator=g, dtype=torch.float64) * 3, -1)
+    log_q = torch.log_softmax(torch.randn(5, 12, generator=g, dtype=torch.float64) * 3, -1)
+    log_p[0, 2] = log_q[0, 2] = -math.inf  # padding: both sides
+    if divergence not in ("forward_kl", "soft_ce"):  # D = +inf where p > 0 = q
+        log_q[1, 4] = -math.inf  # no student mass
+    if divergence != "reverse_kl":  # D = +inf where q > 0 = p
+        log_p[2, 5] = -math.inf  # no teacher mass
+    log_q.requires_grad_(True)
+    D = divergence_per_row(log_p, log_q, divergence, 0.3, 0.2)
+    (want,) = torch.autograd.grad(D.sum(), log_q)
+    got = divergence_log_q_grad(log_p, log_q.detach(), divergence, 0.3, 0.2)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
