@@ -2,13 +2,15 @@
 
 Extensions, all optional at run time (fastkd falls back to Triton and the reference):
   fastkd._C             the ops (csrc/ops.cpp: schemas, CPU and CUDA implementations,
-                        build_info()) and the CUDA kernels (csrc/kd_cuda.cu) when nvcc is found
-                        and torch is a CUDA build, or FASTKD_FORCE_CUDA=1; never decided by
+                        build_info()) and the CUDA kernels (csrc/kd_cuda.cu, and the top-k
+                        rows' csrc/kd_topk_cuda.cu) when nvcc is found and torch is a CUDA
+                        build, or FASTKD_FORCE_CUDA=1; never decided by
                         torch.cuda.is_available(), so a machine without a GPU builds them too.
-  fastkd._C_cpu_<isa>   the CPU kernels (csrc/kd_cpu.cpp) once per instruction set: avx512 and
-                        avx2 on x86-64, the compiler's baseline elsewhere. at::vec fixes its
-                        vector width at compile time; fastkd hands the best one the CPU runs
-                        to fastkd._C.
+  fastkd._C_cpu_<isa>   the CPU kernels (csrc/kd_cpu.cpp, and the top-k rows'
+                        csrc/kd_topk_cpu.cpp) once per instruction set: avx512 and avx2 on
+                        x86-64, the compiler's baseline elsewhere. at::vec fixes its vector
+                        width at compile time; fastkd hands the best one the CPU runs to
+                        fastkd._C.
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80, sm_90 and PTX for newer
 GPUs), MAX_JOBS (parallel compile jobs), FASTKD_FORCE_CUDA=1 (build the CUDA kernels even if
@@ -192,7 +194,7 @@ def _extensions():
         exts.append(
             CUDAExtension(
                 "fastkd._C",
-                [f"{CSRC}/ops.cpp", f"{CSRC}/kd_cuda.cu"],
+                [f"{CSRC}/ops.cpp", f"{CSRC}/kd_cuda.cu", f"{CSRC}/kd_topk_cuda.cu"],
                 include_dirs=include,
                 extra_compile_args={
                     "cxx": opt + defines,
@@ -219,7 +221,7 @@ def _extensions():
         exts.append(
             CppExtension(
                 f"fastkd.{module}",
-                [f"{CSRC}/kd_cpu.cpp"],
+                [f"{CSRC}/kd_cpu.cpp", f"{CSRC}/kd_topk_cpu.cpp"],
                 include_dirs=include,
                 extra_compile_args={
                     "cxx": opt

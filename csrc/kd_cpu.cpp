@@ -25,8 +25,6 @@
 #include <Python.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <array>
@@ -35,112 +33,12 @@
 #include <utility>
 #include <vector>
 
+#include "kd_cpu_vec.h"
 #include "kd_math.h"
 #include "kd_params.h"
 
 namespace fastkd {
-
-using Vec = at::vec::Vectorized<float>;
-
-template <>
-struct Ops<Vec> {
-  // Sleef exp (1 ulp). at::vec's inline exp_u20 is ~15% faster here, but it maps NaN to a
-  // finite value: a NaN logit must give a NaN loss and gradient (GradScaler looks for it).
-  static Vec exp(const Vec& x) { return x.exp(); }
-  static Vec tanh(const Vec& x) { return x.tanh(); }
-  static Vec abs(const Vec& x) { return x.abs(); }
-  static Vec max(const Vec& a, const Vec& b) { return at::vec::maximum(a, b); }
-  static Vec gt(const Vec& a, const Vec& b) { return a > b; }
-  static Vec lt(const Vec& a, const Vec& b) { return a < b; }
-  static Vec select(const Vec& m, const Vec& a, const Vec& b) { return Vec::blendv(b, a, m); }
-};
-
 namespace {
-
-constexpr int64_t kVec = Vec::size();
-// Entries per online-softmax step: 8 KB of each float32 row, so a chunk's inputs and kept
-// exponentials stay in L1 between its max and its exp loops.
-constexpr int64_t kChunk = 2048;
-static_assert(kChunk % 64 == 0, "chunks hold whole vectors of every width");
-
-// Calls body(j, count) over [0, n) in vectors: count == kVec except for a shorter last one.
-template <class Body>
-inline void for_each_vec(int64_t n, const Body& body) {
-  int64_t j = 0;
-  for (; j + kVec <= n; j += kVec) body(j, kVec);
-  if (j < n) body(j, n - j);
-}
-
-// count entries from ptr; the lanes past count read as `pad`.
-inline Vec load(const float* ptr, int64_t count, float pad) {
-  if (count == kVec) return Vec::loadu(ptr);
-  return Vec::set(Vec(pad), Vec::loadu(ptr, count), count);
-}
-
-// Horizontal max and sum of a vector (once per chunk, so plain loops over its lanes).
-inline float hmax(const Vec& v) {
-  alignas(64) float lanes[kVec];
-  v.store(lanes);
-  float r = lanes[0];
-  for (int64_t k = 1; k < kVec; ++k) r = std::max(r, lanes[k]);
-  return r;
-}
-inline float hsum(const Vec& v) {
-  alignas(64) float lanes[kVec];
-  v.store(lanes);
-  float r = 0.0f;
-  for (int64_t k = 0; k < kVec; ++k) r += lanes[k];
-  return r;
-}
-
-inline float max_of(const float* x, int64_t n) {
-  Vec acc(kNegInf);
-  for_each_vec(n, [&](int64_t j, int64_t c) {
-    acc = at::vec::maximum(acc, load(x + j, c, kNegInf));
-  });
-  return hmax(acc);
-}
-
-// dst[0:n] = float(src[0:n]).
-template <class T>
-void to_float(const T* src, float* dst, int64_t n) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(dst, src, n * sizeof(float));
-  } else {
-    using VecT = at::vec::Vectorized<T>;
-    int64_t j = 0;
-    for (; j + VecT::size() <= n; j += VecT::size()) {
-      auto [lo, hi] = at::vec::convert_to_float<T>(VecT::loadu(src + j));
-      lo.store(dst + j);
-      hi.store(dst + j + kVec);
-    }
-    for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
-  }
-}
-
-void row_to_float(const void* src, DType dtype, float* dst, int64_t n) {
-  switch (dtype) {
-    case kF32:
-      return to_float(static_cast<const float*>(src), dst, n);
-    case kBF16:
-      return to_float(static_cast<const c10::BFloat16*>(src), dst, n);
-    default:
-      return to_float(static_cast<const c10::Half*>(src), dst, n);
-  }
-}
-
-void row_from_float(const float* src, DType dtype, void* dst, int64_t n) {
-  switch (dtype) {
-    case kF32:
-      return at::vec::convert(src, static_cast<float*>(dst), n);
-    case kBF16:
-      return at::vec::convert(src, static_cast<c10::BFloat16*>(dst), n);
-    default:
-      return at::vec::convert(src, static_cast<c10::Half*>(dst), n);
-  }
-}
-
-int64_t elem_size(DType dtype) { return dtype == kF32 ? 4 : 2; }
 
 // A row's running log-sum-exp (design.md §3) and the shift each chunk's kept exponentials
 // were taken against. Rows reuse it (no allocation per row).
@@ -426,8 +324,9 @@ void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* grad_o
 #define FASTKD_CAT(a, b) FASTKD_CAT2(a, b)
 
 namespace {
-const fastkd::CpuKernels kKernels = {fastkd::kCpuKernelsAbi, FASTKD_STR(FASTKD_CPU_ISA),
-                                     &fastkd::kd_rows_cpu, &fastkd::scale_rows_cpu};
+const fastkd::CpuKernels kKernels = {
+    fastkd::kCpuKernelsAbi,      FASTKD_STR(FASTKD_CPU_ISA),  &fastkd::kd_rows_cpu,
+    &fastkd::scale_rows_cpu,     &fastkd::topk_row_stats_cpu, &fastkd::topk_grad_rows_cpu};
 }  // namespace
 
 PyMODINIT_FUNC FASTKD_CAT(PyInit_, FASTKD_CPU_MODULE)(void) {

@@ -1,5 +1,6 @@
-// Every per-element and per-row formula of KDLoss (design.md §1 the math, §3 the passes),
-// once for the CPU and CUDA kernels, which only walk rows and blocks (design.md §6).
+// Every per-element and per-row formula of KDLoss (design.md §1 the math, §3 the passes, §4
+// the top-k rows), once for the CPU and CUDA kernels, which only walk rows and blocks
+// (design.md §6).
 //
 // The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py: written as templates over the
 // value type F, so that one text serves both kernels. The CUDA kernel instantiates them with
@@ -416,6 +417,105 @@ KD_HD F grad_entry(const Params& p, const RowGrad& row, F qh, F q, const Ce& ce,
   }
   if (p.has_softcap) g = g * softcap_grad(s_capped(), p.inv_cap);
   return g;
+}
+
+// --- Top-k teachers (design.md §4) -----------------------------------------------------------
+//
+// The O(V) side of a top-k teacher: per row, the log-sum-exps (topk_row_stats) and the dense
+// gradient spread from the coefficients of the O(K) side (topk_grad_rows). The contract,
+// with the why of the split, is fastkd/_topk_rows.py's docstring; tests/topk_kernel_oracle.py
+// is its float64 oracle.
+
+// Columns of a row's stats (fastkd/_topk_rows.py: STATS) and coefficients (ROW_COEFS).
+enum TopKStat : int {
+  kStatMA = 0,
+  kStatLogZA = 1,
+  kStatLogZOut = 2,
+  kStatMS = 3,
+  kStatLogZS = 4,
+  kNumTopKStats = 5
+};
+enum TopKCoef : int { kCoefQ = 0, kCoefCe = 1, kNumTopKCoefs = 2 };
+
+// A row's stats from its online softmaxes: of a (max_a, z_a, and z_out, the sum over the
+// entries outside S against the same maxima), and of x at T = 1 (max_s, z_s) when ce_own;
+// without ce_own (T == 1) x's are a's. Columns not asked for are 0; log 0 = -inf where
+// nothing has mass (a row of -inf gives m_a = 0 and log_z_a = -inf).
+KD_HD void topk_write_stats(float* out, float max_a, float z_a, float z_out, float max_s,
+                            float z_s, bool tail, bool ce, bool ce_own) {
+  const RowLse a = row_lse(max_a, z_a);
+  const RowLse s = ce_own ? row_lse(max_s, z_s) : a;
+  out[kStatMA] = a.m;
+  out[kStatLogZA] = a.log_z;
+  out[kStatLogZOut] = tail ? ::logf(z_out) : 0.0f;
+  out[kStatMS] = ce ? s.m : 0.0f;
+  out[kStatLogZS] = ce ? s.log_z : 0.0f;
+}
+
+// One row's constants of its gradient. With a = x * inv_t (x soft-capped), on every entry
+//   g_j = (c_q q_j + c_ce (sm_j - [j == y])) cap'(x_j),
+// then on every pair i, d_i its pair_grads, written whole (formed on the O(K) side, so that
+// nothing of it cancels here)
+//   g_i = (d_i + c_ce (sm_i - [i == y])) cap'(x_i),
+// q = exp((a - m_a) - log_z_a), sm = exp((x - m_s) - log_z_s). A term whose coefficient is
+// exactly 0 is off for the whole row, not multiplied by 0: its exp may be inf or NaN there
+// (the CE term is also off without labels).
+struct TopKRowGrad {
+  float m_a, log_z_a, m_s, log_z_s;
+  float c_q, c_ce;
+  bool has_q, has_ce;
+  // sm is q (T == 1 and the CE stats are a's): one exp an entry, not two.
+  bool ce_is_q;
+};
+
+KD_HD TopKRowGrad topk_row_grad(const float* stats, const float* coefs, float inv_t,
+                                bool has_labels) {
+  TopKRowGrad row;
+  row.m_a = stats[kStatMA];
+  row.log_z_a = stats[kStatLogZA];
+  row.m_s = stats[kStatMS];
+  row.log_z_s = stats[kStatLogZS];
+  row.c_q = coefs[kCoefQ];
+  row.c_ce = coefs[kCoefCe];
+  // != 0 holds for NaN: a NaN coefficient (a row without a distribution) stays in.
+  row.has_q = row.c_q != 0.0f;
+  row.has_ce = has_labels && row.c_ce != 0.0f;
+  row.ce_is_q = inv_t == 1.0f && row.m_s == row.m_a && row.log_z_s == row.log_z_a;
+  return row;
+}
+
+// The CE term and the soft-cap factor of g, the same for both forms; q is the entry's q when
+// ce_is_q. `p` is the kernels' TopKParams (kd_params.h): its has_softcap and inv_cap.
+template <class F, class Params>
+KD_HD F topk_ce_and_cap(const Params& p, const TopKRowGrad& row, F g, F q, F x, F onehot) {
+  if (row.has_ce) {
+    const F sm = row.ce_is_q ? q : Ops<F>::exp((x - F(row.m_s)) - F(row.log_z_s));
+    g = g + F(row.c_ce) * (sm - onehot);
+  }
+  if (p.has_softcap) g = g * softcap_grad(x, p.inv_cap);
+  return g;
+}
+
+// q at a = x * inv_t (rounded: the max m_a was taken of rounded values), when it is wanted:
+// for the c_q term (dense) or as the CE softmax.
+template <class F>
+KD_HD F topk_q(const TopKRowGrad& row, F a, bool wanted) {
+  return wanted ? Ops<F>::exp((a - F(row.m_a)) - F(row.log_z_a)) : F(0.0f);
+}
+
+// g_j of the dense form.
+template <class F, class Params>
+KD_HD F topk_dense_grad(const Params& p, const TopKRowGrad& row, F a, F x, F onehot) {
+  const F q = topk_q(row, a, row.has_q || (row.has_ce && row.ce_is_q));
+  const F g = row.has_q ? F(row.c_q) * q : F(0.0f);
+  return topk_ce_and_cap(p, row, g, q, x, onehot);
+}
+
+// g_i of a pair, with its d.
+template <class F, class Params>
+KD_HD F topk_pair_grad(const Params& p, const TopKRowGrad& row, F a, F x, F d, F onehot) {
+  const F q = topk_q(row, a, row.has_ce && row.ce_is_q);
+  return topk_ce_and_cap(p, row, d, q, x, onehot);
 }
 
 }  // namespace fastkd

@@ -1,6 +1,6 @@
 // The launch interface of the row kernels: plain data, no torch headers, so that the CPU
-// (kd_cpu.cpp) and CUDA (kd_cuda.cu) kernels compile without them; ops.cpp is their torch
-// side (argument checks, outputs, streams, registration).
+// (kd_cpu.cpp, kd_topk_cpu.cpp) and CUDA (kd_cuda.cu, kd_topk_cuda.cu) kernels compile
+// without them; ops.cpp is their torch side (argument checks, outputs, streams, registration).
 #pragma once
 
 #include <cstdint>
@@ -45,6 +45,52 @@ struct KdRowsLaunch {
   KdRowsParams p;
 };
 
+// --- Top-k teachers (design.md §4) ----------------------------------------------------------
+// The two O(V) row functions of a top-k teacher (the contract: fastkd/_topk_rows.py); their
+// formulas, and the columns of their stats and coefficients, are kd_math.h's.
+
+// What both functions take besides the tensors.
+struct TopKParams {
+  int64_t n_rows = 0;
+  int64_t V = 0;
+  int64_t K = 0;        // pairs per row
+  float inv_t = 1.0f;   // float32(1 / temperature)
+  float cap = 0.0f;     // soft-cap c (when has_softcap)
+  float inv_cap = 0.0f;
+  int64_t ignore_index = -100;
+  bool has_softcap = false;
+};
+
+// One fastkd::topk_row_stats call after ops.cpp checked it. The (n_rows, K) and smaller
+// tensors are contiguous; the rows of V have unit stride along V.
+struct TopKStatsLaunch {
+  const void* s;  // student rows (n_rows, V)
+  int64_t s_stride;
+  DType s_dtype;
+  const int64_t* ids;     // (n_rows, K); < 0: no pair
+  const int64_t* labels;  // (n_rows,) or nullptr
+  float* stats;           // (n_rows, kNumTopKStats)
+  bool tail;              // log_z_out wanted
+  bool ce;                // m_s, log_z_s wanted
+  TopKParams p;
+};
+
+// One fastkd::topk_grad_rows call after ops.cpp checked it.
+struct TopKGradLaunch {
+  const void* s;  // student rows (n_rows, V)
+  void* g;        // gradient rows in the student's dtype; may equal s
+  int64_t s_stride, g_stride;
+  DType s_dtype;
+  const int64_t* ids;     // (n_rows, K)
+  const void* s_at_ids;   // (n_rows, K), the student's logits at ids
+  DType s_at_ids_dtype;
+  const int64_t* labels;  // (n_rows,) or nullptr
+  const float* stats;     // (n_rows, kNumTopKStats)
+  const float* row_coefs;   // (n_rows, kNumTopKCoefs)
+  const float* pair_grads;  // (n_rows, K)
+  TopKParams p;
+};
+
 // The CPU kernels of one instruction set: fastkd._C_cpu_<isa> hands this table to fastkd._C
 // in a PyCapsule named kCpuKernelsCapsule (fastkd/_extension.py connects them).
 struct CpuKernels {
@@ -53,8 +99,11 @@ struct CpuKernels {
   void (*kd_rows)(const KdRowsLaunch& args);
   void (*scale_rows)(void* grad, DType dtype, int64_t stride, const float* grad_output,
                      int64_t grad_output_stride, int64_t n_rows, int64_t V);
+  void (*topk_row_stats)(const TopKStatsLaunch& args);
+  void (*topk_grad_rows)(const TopKGradLaunch& args);
 };
-constexpr int kCpuKernelsAbi = 3;  // bump when KdRowsLaunch, KdRowsParams or this change
+// Bump when KdRowsLaunch, KdRowsParams, the TopK* launch structs or this change.
+constexpr int kCpuKernelsAbi = 4;
 constexpr const char* kCpuKernelsCapsule = "fastkd.CpuKernels";
 
 }  // namespace fastkd

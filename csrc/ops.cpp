@@ -1,8 +1,9 @@
-// fastkd._C: the ops fastkd::kd_rows and fastkd::scale_rows_ (schemas, CPU and CUDA
-// implementations) and build_info(). This is the torch side of the kernels: it checks the
-// arguments (kd_rows.h), allocates the outputs, picks the stream, and calls the torch-free
-// kernels of kd_cpu.cpp (through the table the fastkd._C_cpu_<isa> module hands over,
-// set_cpu_kernels) and kd_cuda.cu.
+// fastkd._C: the ops fastkd::kd_rows and fastkd::scale_rows_, and the top-k rows' ops
+// fastkd::topk_row_stats and fastkd::topk_grad_rows (schemas, CPU and CUDA implementations),
+// and build_info(). This is the torch side of the kernels: it checks the arguments
+// (kd_rows.h, kd_topk_rows.h), allocates the outputs, picks the stream, and calls the
+// torch-free kernels of kd_cpu.cpp and kd_topk_cpu.cpp (through the table the
+// fastkd._C_cpu_<isa> module hands over, set_cpu_kernels) and kd_cuda.cu, kd_topk_cuda.cu.
 //
 // The ops live in the `fastkd` namespace beside the Python custom ops of fastkd/_ops.py
 // (torch.library.custom_op("fastkd::kd_loss") is a fragment too), so this library is a
@@ -16,6 +17,7 @@
 
 #include "kd_params.h"
 #include "kd_rows.h"
+#include "kd_topk_rows.h"
 
 #if defined(FASTKD_WITH_CUDA)
 #include <c10/cuda/CUDAException.h>
@@ -68,6 +70,38 @@ KdRowsLaunch make_launch(const KdRowsCall& call) {
   return args;
 }
 
+TopKStatsLaunch make_stats_launch(const TopKCall& call, bool tail, bool ce) {
+  TopKStatsLaunch args{};
+  args.s = call.student.data_ptr();
+  args.s_stride = call.student.stride(0);
+  args.s_dtype = dtype_code(call.student.scalar_type());
+  args.ids = call.ids.data_ptr<int64_t>();
+  args.labels = call.labels.defined() ? call.labels.data_ptr<int64_t>() : nullptr;
+  args.stats = call.stats.data_ptr<float>();
+  args.tail = tail;
+  args.ce = ce;
+  args.p = call.p;
+  return args;
+}
+
+TopKGradLaunch make_grad_launch(const TopKCall& call) {
+  TopKGradLaunch args{};
+  args.s = call.student.data_ptr();
+  args.g = call.grad.data_ptr();
+  args.s_stride = call.student.stride(0);
+  args.g_stride = call.grad.stride(0);
+  args.s_dtype = dtype_code(call.student.scalar_type());
+  args.ids = call.ids.data_ptr<int64_t>();
+  args.s_at_ids = call.student_at_ids.data_ptr();
+  args.s_at_ids_dtype = dtype_code(call.student_at_ids.scalar_type());
+  args.labels = call.labels.defined() ? call.labels.data_ptr<int64_t>() : nullptr;
+  args.stats = call.stats.data_ptr<float>();
+  args.row_coefs = call.row_coefs.data_ptr<float>();
+  args.pair_grads = call.pair_grads.data_ptr<float>();
+  args.p = call.p;
+  return args;
+}
+
 // --- CPU ---------------------------------------------------------------------------------
 
 std::atomic<const CpuKernels*> cpu_kernels{nullptr};
@@ -112,6 +146,29 @@ void scale_rows_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
                      go.data_ptr<float>(), go.dim() == 0 ? 0 : 1, grad.size(0), grad.size(1));
 }
 
+at::Tensor topk_row_stats_cpu(const at::Tensor& student, const at::Tensor& ids,
+                              const std::optional<at::Tensor>& labels, double temperature,
+                              std::optional<double> softcap, bool tail, bool ce,
+                              int64_t ignore_index) {
+  const CpuKernels& kernels = loaded_cpu_kernels();
+  const TopKCall call =
+      prepare_topk_row_stats(student, ids, labels, temperature, softcap, ignore_index);
+  kernels.topk_row_stats(make_stats_launch(call, tail, ce));
+  return call.stats;
+}
+
+void topk_grad_rows_cpu(const at::Tensor& student, const at::Tensor& ids,
+                        const at::Tensor& student_at_ids, const std::optional<at::Tensor>& labels,
+                        const at::Tensor& stats, const at::Tensor& row_coefs,
+                        const at::Tensor& pair_grads, at::Tensor& grad, double temperature,
+                        std::optional<double> softcap, int64_t ignore_index) {
+  const CpuKernels& kernels = loaded_cpu_kernels();
+  const TopKCall call =
+      prepare_topk_grad_rows(student, ids, student_at_ids, labels, stats, row_coefs,
+                             pair_grads, grad, temperature, softcap, ignore_index);
+  kernels.topk_grad_rows(make_grad_launch(call));
+}
+
 // --- CUDA --------------------------------------------------------------------------------
 
 #if defined(FASTKD_WITH_CUDA)
@@ -137,6 +194,52 @@ void scale_rows_cuda(at::Tensor& grad, const at::Tensor& grad_output) {
                                    grad.stride(0), go.data_ptr<float>(),
                                    go.dim() == 0 ? 0 : go.stride(0), grad.size(0), grad.size(1),
                                    c10::cuda::getCurrentCUDAStream()));
+}
+
+// In-row indices of the CUDA kernels are 32-bit, with room for a team's last stride.
+void check_cuda_vocab(const char* op, int64_t V) {
+  TORCH_CHECK(V <= kMaxCudaVocab, op, " (CUDA): V must be <= ", kMaxCudaVocab, ", got ", V);
+}
+
+at::Tensor topk_row_stats_cuda(const at::Tensor& student, const at::Tensor& ids,
+                               const std::optional<at::Tensor>& labels, double temperature,
+                               std::optional<double> softcap, bool tail, bool ce,
+                               int64_t ignore_index) {
+  constexpr const char* op = "fastkd::topk_row_stats";
+  TORCH_CHECK(student.is_cuda(), op, " (CUDA): student must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(student.device());
+  const TopKCall call =
+      prepare_topk_row_stats(student, ids, labels, temperature, softcap, ignore_index);
+  check_cuda_vocab(op, call.p.V);
+  if (tail) {
+    // The tail's membership bitmap (kd_topk_cuda.cu) lives in a block's shared memory.
+    const int64_t bytes = topk_bitmap_bytes(call.p.V);
+    int limit = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                          student.get_device()));
+    TORCH_CHECK(bytes <= limit, op, " (CUDA) with the tail: its membership bitmap of V = ",
+                call.p.V, " bits needs ", bytes, " bytes of shared memory per block, this ",
+                "device allows ", limit, " (V <= ", int64_t{limit} * 8, ")");
+  }
+  C10_CUDA_CHECK(
+      launch_topk_row_stats(make_stats_launch(call, tail, ce), c10::cuda::getCurrentCUDAStream()));
+  return call.stats;
+}
+
+void topk_grad_rows_cuda(const at::Tensor& student, const at::Tensor& ids,
+                         const at::Tensor& student_at_ids,
+                         const std::optional<at::Tensor>& labels, const at::Tensor& stats,
+                         const at::Tensor& row_coefs, const at::Tensor& pair_grads,
+                         at::Tensor& grad, double temperature, std::optional<double> softcap,
+                         int64_t ignore_index) {
+  constexpr const char* op = "fastkd::topk_grad_rows";
+  TORCH_CHECK(student.is_cuda(), op, " (CUDA): student must be a CUDA tensor");
+  const c10::cuda::CUDAGuard guard(student.device());
+  const TopKCall call =
+      prepare_topk_grad_rows(student, ids, student_at_ids, labels, stats, row_coefs,
+                             pair_grads, grad, temperature, softcap, ignore_index);
+  check_cuda_vocab(op, call.p.V);
+  C10_CUDA_CHECK(launch_topk_grad_rows(make_grad_launch(call), c10::cuda::getCurrentCUDAStream()));
 }
 #endif
 
@@ -180,22 +283,38 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   // The backward: grad (N, V) *= grad_output (0-d, or one value per row), rows whose
   // grad_output is 1 untouched.
   m.def("scale_rows_(Tensor(a!) grad, Tensor grad_output) -> ()");
+  // The top-k rows (kd_topk_rows.h; the contract is fastkd/_topk_rows.py's docstring): a
+  // row's stats (n, 5) float32, and its gradient written into grad (which may be the student
+  // itself). fastkd/_compiled_rows.py calls both positionally.
+  m.def(
+      "topk_row_stats(Tensor student, Tensor ids, Tensor? labels, float temperature, "
+      "float? softcap, bool tail, bool ce, int ignore_index) -> Tensor");
+  m.def(
+      "topk_grad_rows(Tensor student, Tensor ids, Tensor student_at_ids, Tensor? labels, "
+      "Tensor stats, Tensor row_coefs, Tensor pair_grads, Tensor(a!) grad, float temperature, "
+      "float? softcap, int ignore_index) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("kd_rows", &fastkd::kd_rows_cpu);
   m.impl("scale_rows_", &fastkd::scale_rows_cpu);
+  m.impl("topk_row_stats", &fastkd::topk_row_stats_cpu);
+  m.impl("topk_grad_rows", &fastkd::topk_grad_rows_cpu);
 }
 
 #if defined(FASTKD_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
   m.impl("kd_rows", &fastkd::kd_rows_cuda);
   m.impl("scale_rows_", &fastkd::scale_rows_cuda);
+  m.impl("topk_row_stats", &fastkd::topk_row_stats_cuda);
+  m.impl("topk_grad_rows", &fastkd::topk_grad_rows_cuda);
 }
 #endif
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastkd compiled ops: fastkd::kd_rows and fastkd::scale_rows_";
+  m.doc() =
+      "fastkd compiled ops: fastkd::kd_rows, fastkd::scale_rows_, fastkd::topk_row_stats and "
+      "fastkd::topk_grad_rows";
   m.def("build_info", &fastkd::build_info, "What this build of fastkd._C holds.");
   m.def("set_cpu_kernels", &fastkd::set_cpu_kernels,
         "Installs the CPU kernels of a fastkd._C_cpu_<isa> module (its `kernels` capsule).");

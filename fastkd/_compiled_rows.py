@@ -1,6 +1,8 @@
 """The compiled ops fastkd::kd_rows and fastkd::scale_rows_ (csrc/) behind the row interface
 of :mod:`fastkd._rows`: the "cpu" and "cuda" backends' row kernel (the op dispatches on the
-tensors' device). fastkd/_extension.py loads the ops; this module only calls them."""
+tensors' device); and fastkd::topk_row_stats / fastkd::topk_grad_rows as the two top-k row
+functions of fastkd/_topk_rows.py. fastkd/_extension.py loads the ops; this module only calls
+them."""
 
 from __future__ import annotations
 
@@ -33,3 +35,32 @@ def row_kernel(rows: RowArgs) -> RowLosses:
 
 def scale_rows_(grad: Tensor, grad_output: Tensor) -> None:
     torch.ops.fastkd.scale_rows_(grad, grad_output)
+
+
+def topk_row_stats(student, ids, labels, *, temperature, softcap, tail, ce, ignore_index) -> Tensor:
+    """(n, 5) float32 stats of a top-k teacher's rows (fastkd/_topk_rows.py)."""
+    return torch.ops.fastkd.topk_row_stats(
+        student, ids, labels, temperature, softcap, tail, ce, ignore_index
+    )
+
+
+def topk_grad_rows(
+    student,
+    ids,
+    student_at_ids,
+    labels,
+    stats,
+    row_coefs,
+    pair_grads,
+    grad,
+    *,
+    temperature,
+    softcap,
+    ignore_index,
+) -> None:
+    """Writes a top-k teacher's gradient rows into ``grad`` (fastkd/_topk_rows.py); ``grad``
+    may be ``student`` itself."""
+    torch.ops.fastkd.topk_grad_rows(
+        student, ids, student_at_ids, labels, stats, row_coefs, pair_grads, grad,
+        temperature, softcap, ignore_index,
+    )  # fmt: skip

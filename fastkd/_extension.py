@@ -1,7 +1,8 @@
 """The compiled ops (fastkd._C and one fastkd._C_cpu_<isa>): loading, build info, row kernel.
 
-``fastkd._C`` defines ``fastkd::kd_rows`` and ``fastkd::scale_rows_`` (csrc/ops.cpp) with
-their CPU implementations, and CUDA ones when it was built with them. The CPU implementations
+``fastkd._C`` defines ``fastkd::kd_rows`` and ``fastkd::scale_rows_``, and the top-k rows'
+``fastkd::topk_row_stats`` and ``fastkd::topk_grad_rows`` (csrc/ops.cpp), with their CPU
+implementations, and CUDA ones when it was built with them. The CPU implementations
 call the kernels of the ``fastkd._C_cpu_<isa>`` module for the best instruction set this CPU
 runs (csrc/kd_cpu.cpp, built once per instruction set), which :func:`_load` hands to
 ``_C``. When ``_C`` is missing or fails to load, fastkd warns once and runs on Triton and the
@@ -141,6 +142,14 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("fastkd::scale_rows_")
     def _scale_rows_fake(grad, grad_output):
+        return None
+
+    @torch.library.register_fake("fastkd::topk_row_stats")
+    def _topk_row_stats_fake(student, *_):
+        return student.new_empty(student.shape[0], 5, dtype=torch.float32)
+
+    @torch.library.register_fake("fastkd::topk_grad_rows")
+    def _topk_grad_rows_fake(*_):
         return None
 
 

@@ -49,9 +49,7 @@ def _spec_rows(rows: RowArgs, spec_loss) -> RowLosses:
     )
     with torch.enable_grad():
         s = rows.student.detach().requires_grad_(rows.grad is not None)
-        loss_per_row, kd_per_row, ce_per_row = spec_loss(
-            s, rows.teacher, rows.labels, None, config
-        )
+        loss_per_row, kd_per_row, ce_per_row = spec_loss(s, rows.teacher, rows.labels, None, config)
         if rows.grad is not None:
             (g,) = torch.autograd.grad(loss_per_row.sum(), s)
             rows.grad.copy_(g.mul_(rows.reduction_factor))

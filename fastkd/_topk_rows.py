@@ -1,9 +1,9 @@
 """The top-k row-kernel interface (design.md §4): two passes over the student per row.
 
 A top-k teacher is read as K (id, log-probability) pairs per row, so everything on the
-teacher's side and every formula of the divergence table is O(K) per row: fastkd/_topk_ops.py
-computes them in PyTorch on (n, K) tensors (the table of fastkd.reference, with autograd for
-its derivatives). What is O(V) per row is two kernels, the same for every divergence, which
+teacher's side and every formula of the divergence table is O(K) per row: ``row_kernel``
+below computes them in PyTorch on (n, K) float64 tensors (fastkd.reference's table and its
+gradient column). What is O(V) per row is two kernels, the same for every divergence, which
 every kernel backend implements as module-level functions ``topk_row_stats`` and
 ``topk_grad_rows`` (fastkd/_compiled_rows.py for "cpu"/"cuda", fastkd/triton/topk_kernels.py
 for "triton"); tests/topk_kernel_oracle.py is their float64 oracle.

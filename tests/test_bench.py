@@ -19,11 +19,13 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.bench import cli, harness, measure, report
+from fastkd import _backends
+from fastkd.bench import cli, harness, implementations, measure, report
 from fastkd.bench.cases import Case
-from fastkd.bench.formulas import fused_linear_formula, kd_formula
-from fastkd.bench.implementations import FWD, FWD_BWD, Candidate, candidates
+from fastkd.bench.formulas import fused_linear_formula, kd_formula, topk_formula
+from fastkd.bench.implementations import FWD, FWD_BWD, MATMULS, Candidate, candidates
 from fastkd.reference import kd_loss_reference
+from fastkd.topk_reference import topk_loss_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_PLAN = measure.TimingPlan(0.0, 0, 0.0, 2, 2)
@@ -377,3 +379,182 @@ def test_peak_memory_and_time_call():
         pytest.skip("no resettable peak RSS here (/proc/self/clear_refs)")
     assert mem.bytes >= 0.9 * nbytes  # the tensor is written, so its pages are resident
     assert mem.bytes == mem.peak - mem.before and mem.before > 0
+
+
+# --- a top-k teacher (design.md §4) ------------------------------------------------------
+
+
+def _topk_pairs(gen, rows, vocab, k, temperature, dtype=torch.float64):
+    teacher = torch.randn(rows, vocab, generator=gen, dtype=dtype) * 3
+    return fastkd.topk_logprobs(teacher, k, temperature=temperature)
+
+
+@pytest.mark.parametrize("divergence", sorted(fastkd.DIVERGENCES))
+def test_topk_formula_is_the_reference(divergence):
+    """topk_formula (what the top-k benchmark times as torch-eager and torch-compile) is
+    fastkd.topk_loss_reference, reduction="mean", in float64: loss and student gradient, for
+    every normalisation, the tail, teacher_temperature, ignored rows and the CE term."""
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randn(40, 97, generator=gen, dtype=torch.float64) * 3
+    T = 1.7
+    pairs = _topk_pairs(gen, 40, 97, 13, T)
+    labels = torch.randint(0, 97, (40,), generator=gen)
+    labels[::4] = -100
+    options = dict(divergence=divergence, temperature=T, beta=0.3, alpha=0.2)
+    for extra in (
+        dict(),
+        dict(topk_tail="bucket"),
+        dict(teacher_normalization="renormalize"),
+        dict(teacher_normalization="renormalize", student_normalization="topk"),
+        dict(teacher_normalization="renormalize", teacher_temperature=1.1),
+        dict(topk_tail="bucket", labels=labels, ce_weight=0.6, kd_weight=0.4),
+        dict(labels=labels, scale_by_temperature_squared=False),
+    ):
+        ours_s = s.clone().requires_grad_()
+        ref_s = s.clone().requires_grad_()
+        ours = topk_formula(ours_s, pairs.token_ids, pairs.logprobs, **options, **extra)
+        ref, _, _ = topk_loss_reference(ref_s, pairs, **options, **extra)
+        (ours_grad,) = torch.autograd.grad(ours, ours_s)
+        (ref_grad,) = torch.autograd.grad(ref, ref_s)
+        assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-12), extra
+        assert float((ours_grad - ref_grad).norm() / ref_grad.norm()) < 1e-12, extra
+
+
+def _topk_case(tail="none", **kw) -> Case:
+    return _case(teacher="topk", topk=7, topk_tail=tail, **kw)
+
+
+def test_harness_checks_a_topk_case_against_the_topk_reference():
+    """The top-k case's check is the top-k reference: the formula passes, the same formula
+    without the tail the case asks for is caught (its loss and gradient are off)."""
+
+    def formula(tail):
+        def loss(s, teacher):
+            return topk_formula(s, teacher.token_ids, teacher.logprobs, **OPTIONS, topk_tail=tail)
+
+        return loss
+
+    cands = [_candidate("right", formula("bucket")), _candidate("no-tail", formula("none"))]
+    results = {(r.implementation, r.mode): r for r in _run(_topk_case("bucket"), cands)}
+    for mode in (FWD_BWD, FWD):
+        right = results["right", mode]
+        assert right.status == "ok", right
+        assert right.loss_rel_err < 1e-5
+        assert (right.teacher, right.topk, right.topk_tail) == ("topk", 7, "bucket")
+        assert results["no-tail", mode].status == "wrong"
+    assert results["right", FWD_BWD].grad_rel_err < 1e-5
+    # design.md §4's floor: read the student and the K pairs, write the gradient.
+    N, V = 300, 96
+    assert results["right", FWD_BWD].floor_bytes == 2 * N * V * 4 + N * 7 * (8 + 4)
+    assert results["right", FWD].floor_bytes == N * V * 4 + N * 7 * (8 + 4)
+
+
+def _quick_json(tmp_path, *args: str) -> list[dict]:
+    out = tmp_path / "bench.json"
+    assert cli.main(["--quick", "--device", "cpu", *args, "--json", str(out)]) == 0
+    return json.loads(out.read_text())["results"]
+
+
+def test_cli_topk_logits_quick_run(tmp_path, capsys):
+    impls = "fastkd-torch,torch-eager,liger"
+    rows = _quick_json(
+        tmp_path, "--teacher", "topk", "--topk", "8,20", "--topk-tail", "bucket", "--impl", impls
+    )
+    printed = capsys.readouterr().out
+    assert "top-k teacher, tail bucket" in printed and "Liger-Kernel has no top-k" in printed
+    N, V = cli.DEFAULTS["quick"]["tokens"][0], cli.DEFAULTS["quick"]["vocab"][0]
+    by_key = {(r["implementation"], r["mode"], r["topk"]): r for r in rows}
+    expected = {(i, m, k) for i in ("fastkd-torch", "torch-eager") for m in (FWD_BWD, FWD)
+                for k in (8, 20)}  # fmt: skip
+    assert {key for key, r in by_key.items() if r["status"] != "skipped"} == expected
+    assert by_key["liger", FWD_BWD, 8]["status"] == "skipped"
+    for (impl, mode, k), r in by_key.items():
+        assert (r["teacher"], r["topk_tail"], r["tokens"], r["vocab"]) == ("topk", "bucket", N, V)
+        if r["status"] == "skipped":
+            continue
+        assert r["status"] == "ok", r
+        assert r["loss_rel_err"] <= 1e-4
+        assert (r["grad_rel_err"] is not None) == (mode == FWD_BWD)
+        assert mode == FWD or r["grad_rel_err"] <= 1e-4
+        assert r["floor_bytes"] == (2 if mode == FWD_BWD else 1) * N * V * 4 + N * k * 12
+        eager = by_key["torch-eager", mode, k]["median_ms"]
+        assert r["speedup_vs_eager"] == pytest.approx(eager / r["median_ms"])
+
+
+def _kernel_backends_here() -> list[str]:
+    cpu = torch.device("cpu")
+    return [b for b in _backends.KERNEL_BACKENDS if _backends.is_available(b, cpu)[0]]
+
+
+@pytest.mark.parametrize("backend", _kernel_backends_here())
+def test_cli_topk_runs_each_available_kernel(tmp_path, backend):
+    """Every kernel backend available here (the C++ CPU kernel once built, Triton under its
+    interpreter) is benchmarked on a top-k teacher, checked against the reference."""
+    skip = implementations._topk_kernels_missing(backend)
+    if skip is not None:
+        pytest.skip(f"fastkd-{backend}: {skip}")
+    args = ["--teacher", "topk", "--topk", "8", "--tokens", "32", "--vocab", "256"]
+    rows = _quick_json(tmp_path, *args, "--impl", f"fastkd-{backend}", "--mode", FWD_BWD)
+    assert len(rows) == 1
+    (r,) = rows
+    assert (r["implementation"], r["teacher"], r["topk"]) == (f"fastkd-{backend}", "topk", 8)
+    assert r["status"] == "ok", r
+    assert r["loss_rel_err"] <= 1e-4 and r["grad_rel_err"] <= 1e-4
+
+
+def test_cli_topk_fused_linear_against_its_matmuls_and_the_dense_loss(tmp_path):
+    impls = f"fastkd-torch,torch-eager,{MATMULS},fastkd-torch-dense"
+    args = ["--teacher", "topk", "--fused-linear", "--teacher-hidden", "48", "--mode", FWD_BWD]
+    rows = {r["implementation"]: r for r in _quick_json(tmp_path, *args, "--impl", impls)}
+    assert set(rows) == {"fastkd-torch", "torch-eager", MATMULS, "fastkd-torch-dense"}
+    N, V = cli.DEFAULTS["quick"]["tokens"][0], cli.DEFAULTS["quick"]["vocab"][0]
+    H = cli.DEFAULTS["quick"]["hidden"]
+    for name, r in rows.items():
+        assert r["status"] == "ok", r
+        assert (r["teacher"], r["topk"], r["hidden"]) == ("topk", 20, H)
+        assert r["x_matmuls"] == pytest.approx(r["median_ms"] / rows[MATMULS]["median_ms"])
+    for name in ("fastkd-torch", "torch-eager"):  # checked against the reference
+        assert rows[name]["loss_rel_err"] <= 1e-4 and rows[name]["grad_rel_err"] <= 1e-3
+        assert rows[name]["floor_flops"] == 2 * N * V * 3 * H  # no teacher matmul
+    for name in (MATMULS, "fastkd-torch-dense"):  # baselines: timed, never checked
+        assert rows[name]["loss_rel_err"] is None and "not checked" in rows[name]["note"]
+    assert rows["fastkd-torch-dense"]["floor_flops"] == 2 * N * V * (3 * H + 48)
+
+
+def test_bare_matmuls_are_the_three_matmuls():
+    """The matmuls baseline's backward is g W and g^T h with its fixed g (float64 here, so
+    equal to the products up to rounding), whatever its placeholder loss."""
+    gen = torch.Generator().manual_seed(2)
+    h = torch.randn(30, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(96, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(30, 96, generator=gen, dtype=torch.float64)
+    loss = implementations._BareMatmuls.apply(h, w, g)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, w))
+    torch.testing.assert_close(grad_h, g @ w.detach(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad_w, g.T @ h.detach(), rtol=1e-12, atol=0)
+
+
+def test_topk_list_is_truthful(monkeypatch, capsys):
+    """--list names the top-k candidates and why some do not run: Liger, and a kernel
+    backend whose top-k kernels are not in this build."""
+
+    def missing(backend):
+        raise AttributeError(f"module has no attribute 'topk_row_stats' ({backend})")
+
+    monkeypatch.setattr(_backends, "topk_kernels", missing)
+    args = "--quick --device cpu --teacher topk --fused-linear --list"
+    assert cli.main(args.split()) == 0
+    listed = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert "runs" in listed[MATMULS] and "runs" in listed["fastkd-torch"]
+    assert "no top-k teacher loss" in listed["liger"]
+    if _backends.is_available("cpu", torch.device("cpu"))[0]:
+        assert "no top-k kernels in this build" in listed["fastkd-cpu"]
+        assert "runs" in listed["fastkd-cpu-dense"]  # the dense kernel needs no top-k one
+
+
+def test_topk_options_are_checked():
+    quick = ["--quick", "--device", "cpu", "--list"]
+    with pytest.raises(SystemExit, match="need --teacher topk"):
+        cli.main([*quick, "--topk", "8"])
+    with pytest.raises(SystemExit, match="more than the vocabulary"):
+        cli.main([*quick, "--teacher", "topk", "--topk", "1024", "--vocab", "512"])

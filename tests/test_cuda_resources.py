@@ -1,9 +1,9 @@
 """Register and spill budgets of the GPU kernels, checked on a machine without a GPU.
 
-The CUDA row kernels are compiled for sm_90 with `ptxas -v` (kd_cuda.cu's
-__launch_bounds__(512, 2) caps them at 64 registers: two 512-thread blocks an SM); the Triton
-row kernel ahead of time for sm_90 (tests/triton_aot.py), with Triton's own ptxas log. Neither
-runs a kernel; a GPU is needed for timing (docs/performance.md).
+The CUDA row kernels are compiled for sm_90 with `ptxas -v` (the __launch_bounds__(512, 2) of
+kd_cuda.cu and kd_topk_cuda.cu caps them at 64 registers: two 512-thread blocks an SM); the
+Triton row kernel ahead of time for sm_90 (tests/triton_aot.py), with Triton's own ptxas log.
+Neither runs a kernel; a GPU is needed for timing (docs/performance.md).
 """
 
 import os
@@ -53,28 +53,42 @@ def _nvcc():
     return nvcc
 
 
-def test_cuda_row_kernels_fit_64_registers(tmp_path):
+def _ptxas_kernels(source: str, tmp_path) -> dict:
+    """parse_ptxas of csrc/<source> compiled for sm_90 with `ptxas -v`, each kernel printed
+    and held to MAX_REGISTERS without spill stores."""
     nvcc = _nvcc()
     if nvcc is None:
         print("SKIPPED: nvcc was not found (PATH, CUDA_HOME)")
         pytest.skip("nvcc was not found (PATH, CUDA_HOME)")
     proc = subprocess.run(
         [nvcc, *NVCC_FLAGS, f"-I{ROOT / 'csrc'}", "-arch=sm_90", "-Xptxas", "-v", "-c",
-         str(ROOT / "csrc" / "kd_cuda.cu"), "-o", str(tmp_path / "kd_cuda.o")],
+         str(ROOT / "csrc" / source), "-o", str(tmp_path / f"{source}.o")],
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     kernels = parse_ptxas(proc.stdout + proc.stderr)
-    rows = {n: r for n, r in kernels.items() if "kd_rows_kernel" in n}
-    import fastkd
-
-    assert len(rows) == len(fastkd.DIVERGENCES), kernels  # one kd_rows_kernel<DIV> each
-    assert any("scale_rows_kernel" in n for n in kernels), kernels
     for name, (regs, spill_st, spill_ld) in sorted(kernels.items()):
         print(f"sm_90 {name}: {regs} registers, spill stores {spill_st} B, loads {spill_ld} B")
     for name, (regs, spill_st, _) in kernels.items():
         assert regs <= MAX_REGISTERS, (name, regs)
         assert spill_st == 0, (name, spill_st)
+    return kernels
+
+
+def test_cuda_row_kernels_fit_64_registers(tmp_path):
+    kernels = _ptxas_kernels("kd_cuda.cu", tmp_path)
+    rows = {n: r for n, r in kernels.items() if "kd_rows_kernel" in n}
+    import fastkd
+
+    assert len(rows) == len(fastkd.DIVERGENCES), kernels  # one kd_rows_kernel<DIV> each
+    assert any("scale_rows_kernel" in n for n in kernels), kernels
+
+
+def test_cuda_topk_kernels_fit_64_registers(tmp_path):
+    """The top-k row kernels (csrc/kd_topk_cuda.cu), under the same __launch_bounds__."""
+    kernels = _ptxas_kernels("kd_topk_cuda.cu", tmp_path)
+    for kernel in ("topk_row_stats_kernel", "topk_grad_rows_kernel"):
+        assert sum(kernel in name for name in kernels) == 1, (kernel, kernels)
 
 
 # Run in a fresh interpreter without TRITON_INTERPRET (the suite's conftest may set it) and

@@ -14,17 +14,19 @@ import torch
 from tqdm import tqdm
 
 import fastkd
+from fastkd._config import TOPK_TAILS
 
 from . import harness, implementations, measure, report
-from .cases import DTYPE_ALIASES, DTYPES, Case
+from .cases import DTYPE_ALIASES, DTYPES, TEACHERS, Case
 from .implementations import MODES
 
 # Default shapes: real ones on a GPU (design.md §3's floor example), small on a CPU so the
 # default run ends in about a minute on two cores, tiny with --quick (CI).
+# K of a top-k teacher: vLLM's and the caches' range (20-1024); an API gives at most 20.
 DEFAULTS = {
-    "cuda": dict(tokens=[8192], vocab=[128256], dtype=["bfloat16"], hidden=4096),
-    "cpu": dict(tokens=[1024], vocab=[32000], dtype=["float32"], hidden=512),
-    "quick": dict(tokens=[64], vocab=[512], hidden=32),
+    "cuda": dict(tokens=[8192], vocab=[128256], dtype=["bfloat16"], hidden=4096, topk=[64]),
+    "cpu": dict(tokens=[1024], vocab=[32000], dtype=["float32"], hidden=512, topk=[64]),
+    "quick": dict(tokens=[64], vocab=[512], hidden=32, topk=[20]),
 }
 
 EPILOG = """\
@@ -32,6 +34,8 @@ examples:
   python -m fastkd.bench                                   # defaults for this device
   python -m fastkd.bench --divergence forward_kl,jsd --vocab 32000,128256,256000
   python -m fastkd.bench --fused-linear --hidden 2048 --teacher-hidden 4096
+  python -m fastkd.bench --teacher topk --topk 20,64,1024 --topk-tail bucket
+  python -m fastkd.bench --teacher topk --fused-linear --hidden 1024   # vs its bare matmuls
   python -m fastkd.bench --impl 'fastkd-*,torch-eager' --json out.json --plot out.png
   python -m fastkd.bench --from-json a.json b.json --markdown out.md --plot out.png
   python -m fastkd.bench --list                            # what runs here, and what not
@@ -112,7 +116,25 @@ def parser() -> argparse.ArgumentParser:
         help="FusedLinearKDLoss from hidden states and LM-head weights",
     )
     p.add_argument("--hidden", type=_size, help="student hidden size H (with --fused-linear)")
-    p.add_argument("--teacher-hidden", type=_size, help="teacher hidden size (default H)")
+    p.add_argument(
+        "--teacher-hidden",
+        type=_size,
+        help="teacher hidden size (default H; with --teacher topk, the dense baseline's)",
+    )
+    p.add_argument(
+        "--teacher",
+        choices=TEACHERS,
+        default="dense",
+        help="dense: the teacher's full logits (default); topk: a fastkd.TopKTeacher of its "
+        "top-K log-probabilities (made once per case from random logits, not timed)",
+    )
+    p.add_argument("--topk", type=_list(_size), help="K with --teacher topk (lists sweep)")
+    p.add_argument(
+        "--topk-tail",
+        choices=TOPK_TAILS,
+        default="none",
+        help="with --teacher topk: none (default), or the tail bucket of the mass outside K",
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if present")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few repeats (CI)")
     p.add_argument("--seed", type=int, default=0, help="random inputs' seed")
@@ -147,7 +169,7 @@ def _device(args) -> str:
 # make_cases's options, named as the command line's: _cases passes them through.
 CASE_OPTIONS = (
     "divergence", "tokens", "vocab", "dtype", "fused_linear", "hidden", "teacher_hidden",
-    "quick", "sweep", "temperature", "beta", "alpha",
+    "teacher", "topk", "topk_tail", "quick", "sweep", "temperature", "beta", "alpha",
 )  # fmt: skip
 
 
@@ -161,16 +183,19 @@ def make_cases(
     fused_linear: bool = False,
     hidden: int | None = None,
     teacher_hidden: int | None = None,
+    teacher: str = "dense",
+    topk: list[int] | None = None,
+    topk_tail: str = "none",
     quick: bool = False,
     sweep: str = "grid",
     **loss_options,
 ) -> list[Case]:
     """The cases of one run (also the pytest-benchmark suites'). Lists sweep; what is not
     given takes the device's default (:data:`DEFAULTS`). ``loss_options``: temperature, beta,
-    alpha.
+    alpha. ``teacher="topk"``: a top-K teacher for each K of ``topk``, with ``topk_tail``.
 
     grid: every N with every V; star: every V at the first N, every N at the first V. Shapes
-    outermost: under --time-limit the first shape is measured for every divergence.
+    outermost: under --time-limit the first shape is measured for every K and divergence.
     """
     defaults = dict(DEFAULTS[device])
     if quick:
@@ -188,12 +213,33 @@ def make_cases(
                 f"error: --divergence must name one of {sorted(fastkd.DIVERGENCES)}, got {name!r}"
             )
     sizes = dict(hidden=hidden, teacher_hidden=teacher_hidden or hidden) if fused_linear else {}
+    teachers = _teachers(teacher, topk, topk_tail, defaults["topk"], shapes)
     return [
-        Case(div, n, v, dt, device, fused_linear=fused_linear, **sizes, **loss_options)
+        Case(div, n, v, dt, device, fused_linear=fused_linear, **sizes, **kind, **loss_options)
         for n, v in shapes
         for dt in dtype or defaults["dtype"]
+        for kind in teachers
         for div in divergence
     ]
+
+
+def _teachers(
+    teacher: str, ks: list[int] | None, tail: str, default_ks: list[int], shapes
+) -> list[dict]:
+    """The teacher fields of the cases: one dense teacher, or one top-K teacher per K."""
+    if teacher == "dense":
+        if ks or tail != "none":
+            raise SystemExit("error: --topk and --topk-tail need --teacher topk")
+        return [{}]
+    if teacher not in TEACHERS:
+        raise SystemExit(f"error: --teacher must be one of {list(TEACHERS)}, got {teacher!r}")
+    ks = ks or default_ks
+    smallest = min(v for _, v in shapes)
+    if max(ks) > smallest:
+        raise SystemExit(
+            f"error: --topk {max(ks)} is more than the vocabulary size --vocab {smallest}"
+        )
+    return [dict(teacher="topk", topk=k, topk_tail=tail) for k in ks]
 
 
 def _cases(args, device: str) -> list[Case]:

@@ -14,6 +14,10 @@ For every case and every (implementation, mode) pair:
 
 Any exception marks the pair "OOM" (out of memory) or "error" (with the message in the JSON)
 and the run goes on with the next pair.
+
+Baselines that compute something else than the case's loss (a top-k case's bare matmuls and
+dense loss: ``Candidate.checked`` False) skip step 1 but for its first call: they are timed
+the same way, never checked, and say so in their note.
 """
 
 from __future__ import annotations
@@ -29,11 +33,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from fastkd import TopKTeacher
 from fastkd.reference import kd_loss_reference
+from fastkd.topk_reference import topk_loss_reference
 
 from . import cases, measure
 from .cases import Case, Inputs
-from .implementations import FWD, FWD_BWD, Candidate
+from .implementations import FWD, FWD_BWD, MATMULS, Candidate
 
 # (loss, gradient) relative-norm tolerances of the check. Looser than the precision tests'
 # contract (tests/, design.md §2): this check is there to catch wrong results, and it
@@ -68,6 +74,9 @@ class Result:
     hidden: int | None
     teacher_hidden: int | None
     status: str  # "ok", "wrong", "OOM", "error", "skipped"
+    teacher: str = "dense"  # or "topk"
+    topk: int | None = None  # K, with a top-k teacher
+    topk_tail: str | None = None  # "none" or "bucket", with a top-k teacher
     reason: str | None = None
     note: str = ""
     loss_rel_err: float | None = None
@@ -88,6 +97,8 @@ class Result:
     pct_of_floor: float | None = None
     peak_mem_bytes: int | None = None
     speedup_vs_eager: float | None = None
+    speedup_vs_compile: float | None = None
+    x_matmuls: float | None = None  # this median over the bare matmuls' (fused top-k)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,6 +126,9 @@ def _result(case: Case, cand: Candidate, mode: str, status: str, **kw) -> Result
         mode=mode,
         **{k: getattr(case, k) for k in _CASE_FIELDS},
         **sizes,
+        teacher=case.teacher,
+        topk=case.topk if case.is_topk else None,
+        topk_tail=case.topk_tail if case.is_topk else None,
         status=status,
         note=cand.note,
         **kw,
@@ -150,20 +164,21 @@ def reference(case: Case, inputs: Inputs, period: int) -> Expected:
     args = [rows.get(i, x.to(wide)) for i, x in enumerate(inputs.args)]
     for i in inputs.grad_index:
         args[i].requires_grad_(True)
-    if case.fused_linear:
-        student = args[0] @ args[1].T
-        teacher = args[2] @ args[3].T
-    else:
-        student, teacher = args
-    per_row, _, _ = kd_loss_reference(
-        student,
-        teacher.detach(),
+    student = args[0] @ args[1].T if case.fused_linear else args[0]
+    options = dict(
         divergence=case.divergence,
         temperature=case.temperature,
         beta=case.beta,
         alpha=case.alpha,
         reduction="none",
     )
+    if case.is_topk:
+        pairs = inputs.teacher.rows(0, period)
+        teacher = TopKTeacher(pairs.token_ids, pairs.logprobs.to(wide), pairs.mask)
+        per_row, _, _ = topk_loss_reference(student, teacher, topk_tail=case.topk_tail, **options)
+    else:
+        teacher = args[2] @ args[3].T if case.fused_linear else args[1]
+        per_row, _, _ = kd_loss_reference(student, teacher.detach(), **options)
     loss = (per_row * counts).sum() / N
     grads = torch.autograd.grad(loss, [args[i] for i in inputs.grad_index])
     expected = []
@@ -212,7 +227,7 @@ def _rel_err(actual: torch.Tensor, kind: str, expected: torch.Tensor) -> float:
 
 
 def _caller(fn, inputs: Inputs, mode: str) -> Callable[[], tuple]:
-    args = inputs.args
+    args = inputs.call_args()
     if mode == FWD:
 
         def forward_only():
@@ -242,7 +257,7 @@ def _status_of(exc: BaseException) -> str:
 class Check:
     """The outcome of the correctness check of one (implementation, mode)."""
 
-    loss_rel_err: float
+    loss_rel_err: float | None  # None: a baseline, not checked
     grad_rel_err: float | None
     first_call_ms: float
     failure: str | None  # why it is wrong, or None
@@ -328,7 +343,12 @@ def measure_one(
     """Checks, then times one implementation in one mode. Never raises (but on Ctrl-C)."""
     try:
         call = prepare(case, cand, mode, inputs)
-        outcome = check(case, call, mode, inputs, expected, seed)
+        if cand.checked:
+            outcome = check(case, call, mode, inputs, expected, seed)
+        else:
+            first, out = measure.time_call(call, case.device)
+            del out
+            outcome = Check(None, None, first, None)
         if outcome.failure is not None:
             return _result(case, cand, mode, "wrong", reason=outcome.failure, **outcome.fields())
         reset = refill_for_timing(inputs, cand, seed, case.device)
@@ -396,15 +416,21 @@ def add_floors(result: Result, case: Case, ceilings: Ceilings) -> None:
 
 
 def add_speedups(results: list[Result]) -> None:
-    """speedup_vs_eager = torch-eager's median / this median, same case and mode."""
-    eager = {}
+    """speedup_vs_eager and speedup_vs_compile = torch-eager's or torch-compile's median /
+    this median; x_matmuls = this median / the bare matmuls' median; same case and mode."""
+    medians: dict[tuple, float] = {}
     for r in results:
-        if r.implementation == "torch-eager" and r.status == "ok":
-            eager[_key(r)] = r.median_ms
+        if r.status == "ok" and r.median_ms:
+            medians[(r.implementation, *_key(r))] = r.median_ms
     for r in results:
-        base = eager.get(_key(r))
-        if r.status == "ok" and base and r.median_ms:
-            r.speedup_vs_eager = base / r.median_ms
+        if r.status != "ok" or not r.median_ms:
+            continue
+        eager = medians.get(("torch-eager", *_key(r)))
+        compiled = medians.get(("torch-compile", *_key(r)))
+        matmuls = medians.get((MATMULS, *_key(r)))
+        r.speedup_vs_eager = eager / r.median_ms if eager else None
+        r.speedup_vs_compile = compiled / r.median_ms if compiled else None
+        r.x_matmuls = r.median_ms / matmuls if matmuls else None
 
 
 def _key(r: Result) -> tuple:
@@ -418,6 +444,9 @@ def _key(r: Result) -> tuple:
         r.fused_linear,
         r.hidden,
         r.teacher_hidden,
+        r.teacher,
+        r.topk,
+        r.topk_tail,
         r.mode,
     )
 
@@ -476,7 +505,7 @@ def run_case(
             continue
         result = measure_one(case, cand, mode, inputs, expected, plan, seed)
         if result.status == "ok":
-            add_floors(result, case, ceilings)
+            add_floors(result, cases.as_dense(case) if cand.dense_teacher else case, ceilings)
         results.append(result)
     del inputs
     _free(case.device)

@@ -11,12 +11,22 @@
   its chunked ``LigerFusedLinearJSDLoss`` (torch ops, runs anywhere), beta=0 giving
   forward_kl and beta=1 reverse_kl in both. Liger has no T^2 factor: its loss is multiplied
   by T^2 so that all rows compute the same number.
+
+With a top-k teacher (``Case.teacher == "topk"``), the same names on the top-k loss:
+``fastkd-<backend>`` (a kernel backend whose top-k kernels are not in this build is skipped,
+saying so), ``torch-eager`` / ``torch-compile`` on :func:`formulas.topk_formula`; Liger-Kernel
+has no top-k loss. Fused linear adds two baselines, timed but not checked (they compute
+something else): ``matmuls``, the student's three bare matmuls (logits = h W^T; with a
+backward grad_h = g W and grad_W = g^T h, g a fixed N x V tensor), and
+``fastkd-<backend>-dense``, the dense FusedLinearKDLoss at the same shapes (a random teacher
+of hidden size ``teacher_hidden``).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,11 +38,12 @@ import fastkd
 from fastkd import _backends
 
 from . import formulas
-from .cases import Case
+from .cases import LOGIT_STD, Case, as_dense
 
 FWD_BWD = "fwd+bwd"
 FWD = "fwd"
 MODES = (FWD_BWD, FWD)
+MATMULS = "matmuls"
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -53,6 +64,11 @@ class Candidate:
     # Goes through torch.compile (its first call compiles, tens of seconds on a GPU): the
     # command line measures these in a last pass, after every case's other implementations.
     compiles: bool = False
+    # False: a baseline that computes something else than the case's loss (timed, not
+    # checked against the reference).
+    checked: bool = True
+    # Computes the case's shapes with a dense teacher (its floor is the dense case's).
+    dense_teacher: bool = False
 
 
 def interpreting() -> bool:
@@ -72,22 +88,29 @@ def candidates(case: Case) -> list[Candidate]:
     """Every implementation, runnable or with the reason it is skipped, for one case."""
     out = _fastkd_candidates(case)
     out += [
-        Candidate("torch-eager", "torch", _formula),
+        Candidate("torch-eager", "torch", _eager),
         Candidate(
             "torch-compile", "torch", _compiled, note="torch.compile defaults", compiles=True
         ),
     ]
-    out += _liger_candidates(case)
+    if case.is_topk:
+        out += _topk_baselines(case)
+        out.append(Candidate("liger", "liger", None, "Liger-Kernel has no top-k teacher loss"))
+    else:
+        out += _liger_candidates(case)
     return out
 
 
 def _options(case: Case) -> dict:
-    return dict(
+    options = dict(
         divergence=case.divergence,
         temperature=case.temperature,
         beta=case.beta,
         alpha=case.alpha,
     )
+    if case.is_topk:
+        options["topk_tail"] = case.topk_tail
+    return options
 
 
 # --- fastkd ---------------------------------------------------------------------------------
@@ -107,6 +130,10 @@ def _backend_status(backend: str, case: Case) -> tuple[str | None, str]:
         return None, "Triton interpreter: not a speed path"
     if not ok:
         return why, ""
+    if case.is_topk:
+        missing = _topk_kernels_missing(backend)
+        if missing is not None:
+            return missing, ""
     try:
         auto = _backends.resolve("auto", device, case.torch_dtype)
     except ValueError:
@@ -115,6 +142,17 @@ def _backend_status(backend: str, case: Case) -> tuple[str | None, str]:
     if backend == "torch":
         notes.append("the reference under autograd, not a speed path")
     return None, "; ".join(notes)
+
+
+def _topk_kernels_missing(backend: str) -> str | None:
+    """Why an available kernel backend cannot run a top-k teacher here, or None."""
+    if _backends.REGISTRY[backend].topk_module is None:
+        return None  # the spec's own top-k rows
+    try:
+        _backends.topk_kernels(backend)
+    except (ImportError, AttributeError) as exc:
+        return f"no top-k kernels in this build ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _fastkd_candidates(case: Case) -> list[Candidate]:
@@ -174,7 +212,7 @@ def _fastkd_fused_candidates(case: Case, backends: list[str]) -> list[Candidate]
     out = []
     for backend in backends:
         skip, note = _backend_status(backend, case)
-        build = _fastkd_fused(backend)
+        build = _fastkd_fused_topk(backend) if case.is_topk else _fastkd_fused(backend)
         out.append(Candidate(f"fastkd-{backend}", "fastkd", build, skip, note))
     return out
 
@@ -191,15 +229,125 @@ def _fastkd_fused(backend: str) -> Callable[[Case], LossFn]:
     return build
 
 
+def _fastkd_fused_topk(backend: str) -> Callable[[Case], LossFn]:
+    def build(case: Case) -> LossFn:
+        module = fastkd.FusedLinearKDLoss(backend=backend, **_options(case))
+
+        def loss(student_hidden, student_weight, teacher):
+            return module(student_hidden, student_weight, teacher=teacher)
+
+        return loss
+
+    return build
+
+
+# --- a top-k case's baselines ------------------------------------------------------------
+
+
+def _topk_baselines(case: Case) -> list[Candidate]:
+    """Fused linear: the bare matmuls and the dense loss at the same shapes (not checked)."""
+    if not case.fused_linear:
+        return []
+    out = [
+        Candidate(
+            MATMULS,
+            "baseline",
+            _bare_matmuls,
+            note="the student's three bare matmuls, not checked",
+            checked=False,
+        )
+    ]
+    dense = as_dense(case)
+    for backend in (b for b in _backends.BACKENDS if b != "auto"):
+        skip, note = _backend_status(backend, dense)
+        what = f"dense teacher, H_t={case.teacher_hidden}, not checked"
+        out.append(
+            Candidate(
+                f"fastkd-{backend}-dense",
+                "fastkd",
+                _dense_beside_topk(backend),
+                skip,
+                f"{what}; {note}" if note else what,
+                checked=False,
+                dense_teacher=True,
+            )
+        )
+    return out
+
+
+class _BareMatmuls(torch.autograd.Function):
+    """logits = h W^T forward; grad_h = g W and grad_W = g^T h backward, with g fixed: the
+    matmuls a fused-linear loss cannot avoid. The loss value is a placeholder (0)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, grad_logits):
+        ctx.save_for_backward(hidden, weight, grad_logits)
+        logits = hidden @ weight.T  # the work; dropped, as a fused loss drops each chunk's
+        return logits.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        hidden, weight, grad_logits = ctx.saved_tensors
+        return grad_logits @ weight, grad_logits.T @ hidden, None
+
+
+def _bare_matmuls(case: Case) -> LossFn:
+    generator = torch.Generator(device=case.device).manual_seed(0)
+    grad_logits = torch.empty(case.tokens, case.vocab, dtype=case.torch_dtype, device=case.device)
+    grad_logits.normal_(generator=generator)
+
+    def loss(student_hidden, student_weight, teacher):
+        return _BareMatmuls.apply(student_hidden, student_weight, grad_logits)
+
+    return loss
+
+
+def _dense_beside_topk(backend: str) -> Callable[[Case], LossFn]:
+    def build(case: Case) -> LossFn:
+        generator = torch.Generator(device=case.device).manual_seed(0)
+        kw = dict(dtype=case.torch_dtype, device=case.device)
+        Ht = case.teacher_hidden
+        teacher_hidden = torch.empty(case.tokens, Ht, **kw).normal_(generator=generator)
+        teacher_weight = torch.empty(case.vocab, Ht, **kw)
+        teacher_weight.normal_(0.0, LOGIT_STD / math.sqrt(Ht), generator=generator)
+        module = fastkd.FusedLinearKDLoss(backend=backend, **_options(as_dense(case)))
+
+        def loss(student_hidden, student_weight, teacher):
+            return module(student_hidden, student_weight, teacher_hidden, teacher_weight)
+
+        return loss
+
+    return build
+
+
 # --- plain PyTorch --------------------------------------------------------------------------
 
 
 def _formula(case: Case) -> LossFn:
+    """The formula of the case's arguments; a top-k one takes (..., token_ids, logprobs)."""
     options = _options(case)
-    base = formulas.fused_linear_formula if case.fused_linear else formulas.kd_formula
+    if case.is_topk:
+        base = formulas.fused_linear_topk_formula if case.fused_linear else formulas.topk_formula
+    else:
+        base = formulas.fused_linear_formula if case.fused_linear else formulas.kd_formula
 
     def loss(*args):
         return base(*args, **options)
+
+    return loss
+
+
+def _eager(case: Case) -> LossFn:
+    return _with_pairs(_formula(case)) if case.is_topk else _formula(case)
+
+
+def _with_pairs(fn: LossFn) -> LossFn:
+    """A formula of (..., token_ids, logprobs) called as (..., teacher): torch.compile sees
+    tensors only."""
+
+    def loss(*args):
+        *student, teacher = args
+        return fn(*student, teacher.token_ids, teacher.logprobs)
 
     return loss
 
@@ -211,11 +359,12 @@ _COMPILED: dict[tuple, LossFn] = {}
 
 
 def _compiled(case: Case) -> LossFn:
-    key = (case.fused_linear, case.divergence, case.temperature, case.beta, case.alpha)
+    key = (case.fused_linear, case.teacher, case.topk_tail, case.divergence, case.temperature)
+    key += (case.beta, case.alpha)
     if key not in _COMPILED:
         _raise_recompile_limit()
         _COMPILED[key] = torch.compile(_formula(case))
-    return _COMPILED[key]
+    return _with_pairs(_COMPILED[key]) if case.is_topk else _COMPILED[key]
 
 
 def _raise_recompile_limit() -> None:

@@ -1,8 +1,9 @@
 """--plot: forward+backward time and peak memory against V and against N (matplotlib).
 
-One figure per (logits or fused linear, divergence, dtype): time vs V and peak memory vs V
-at the N with the most vocabulary sizes measured, and the same against N at the V with the
-most token counts. An implementation that failed at a size has no point there.
+One figure per (logits or fused linear, divergence, dtype, teacher: dense or top-K with its
+tail): time vs V and peak memory vs V at the N with the most vocabulary sizes measured, and
+the same against N at the V with the most token counts. An implementation that failed at a
+size has no point there.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+from .cases import topk_label
 from .harness import Result
 from .implementations import FWD_BWD
 
@@ -18,7 +20,8 @@ def _groups(results: list[Result]) -> dict[tuple, list[Result]]:
     groups: dict[tuple, list[Result]] = {}
     for r in results:
         if r.mode == FWD_BWD:
-            groups.setdefault((r.fused_linear, r.divergence, r.dtype), []).append(r)
+            key = (r.fused_linear, r.divergence, r.dtype, r.teacher, r.topk, r.topk_tail)
+            groups.setdefault(key, []).append(r)
     return groups
 
 
@@ -26,8 +29,11 @@ def _path_for(path: str, key: tuple, many: bool) -> str:
     if not many:
         return path
     stem, ext = os.path.splitext(path)
-    fused, divergence, dtype = key
-    return f"{stem}-{'fused' if fused else 'logits'}-{divergence}-{dtype}{ext or '.png'}"
+    fused, divergence, dtype, teacher, k, tail = key
+    name = f"{stem}-{'fused' if fused else 'logits'}-{divergence}-{dtype}"
+    if teacher == "topk":
+        name += f"-top{k}" + (f"-{tail}" if tail != "none" else "")
+    return name + (ext or ".png")
 
 
 def _axis(ax_time, ax_mem, rows: list[Result], along: str, fixed: str, name: str) -> None:
@@ -96,8 +102,10 @@ def plot(results: list[Result], path: str, title: str = "") -> list[str]:
                     handles.append(h)
                     labels.append(lab)
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5) or 1)
-        fused, divergence, dtype = key
+        fused, divergence, dtype, teacher, k, tail = key
         kind = "FusedLinearKDLoss" if fused else "KDLoss"
+        if teacher == "topk":
+            kind += f" ({topk_label(k, tail)})"
         fig.suptitle(f"{kind} {divergence} {dtype}, forward+backward\n{title}", fontsize=10)
         fig.tight_layout(rect=(0, 0.06, 1, 1))
         out = _path_for(path, key, len(groups) > 1)

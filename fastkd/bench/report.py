@@ -8,10 +8,14 @@ import os
 import tempfile
 from dataclasses import fields
 
+from .cases import topk_label
 from .harness import Result
 
 SCHEMA = 1
-_CASE_FIELDS = ("divergence", "fused_linear", "tokens", "vocab", "hidden", "dtype", "temperature")
+_CASE_FIELDS = (
+    "divergence", "fused_linear", "teacher", "topk", "topk_tail", "tokens", "vocab", "hidden",
+    "dtype", "temperature",
+)  # fmt: skip
 
 
 # --- number formats ---------------------------------------------------------------------
@@ -66,6 +70,9 @@ def _varying(results: list[Result]) -> list[str]:
 _CASE_HEADERS = {
     "divergence": "divergence",
     "fused_linear": "fused",
+    "teacher": "teacher",
+    "topk": "K",
+    "topk_tail": "tail",
     "tokens": "N",
     "vocab": "V",
     "hidden": "H",
@@ -79,26 +86,33 @@ def _is_static_skip(r: Result) -> bool:
     return r.status == "skipped" and r.reason != "time limit reached"
 
 
+# Ratio columns beyond "vs eager", shown when some row has them: (header, Result field).
+_RATIOS = (("vs compile", "speedup_vs_compile"), ("x matmuls", "x_matmuls"))
+
+
 def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
     """Header and cells: implementation, mode, median, spread, achieved rate, % of the
-    floor, peak memory beyond the inputs, speed-up over eager, and notes.
+    floor, peak memory beyond the inputs, speed-up over eager (and over torch.compile, and
+    the multiple of the bare matmuls, where measured), and notes.
 
     Implementations skipped for a standing reason (not available here) come last, once
     each, whatever the number of cases and modes.
     """
     varying = _varying(results)
+    ratios = [(h, f) for h, f in _RATIOS if any(getattr(r, f) is not None for r in results)]
     rate = "TFLOP/s" if results and all(r.fused_linear for r in results) else "GB/s"
     header = [_CASE_HEADERS[v] for v in varying]
     header += ["implementation", "mode", "median", "spread", rate, "% floor", "peak mem"]
-    header += ["vs eager", "notes"]
+    header += ["vs eager", *(h for h, _ in ratios), "notes"]
+    blanks = 5 + len(ratios)  # the cells after the status of a row without timings
     rows = []
     for r in results:
         if _is_static_skip(r):
             continue
-        cells = [str(getattr(r, v)) for v in varying]
+        cells = [_case_cell(r, v) for v in varying]
         cells += [r.implementation, r.mode]
         if r.status != "ok":
-            cells += [r.status, "", "", "", "", "", _note(r)]
+            cells += [r.status, *[""] * blanks, _note(r)]
         else:
             achieved = r.achieved_TFLOPs if r.fused_linear else r.achieved_GBps
             cells += [
@@ -108,6 +122,7 @@ def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
                 _fmt(r.pct_of_floor, ".0f", "%"),
                 fmt_bytes(r.peak_mem_bytes),
                 _fmt(r.speedup_vs_eager, ".2f", "x"),
+                *(_fmt(getattr(r, f), ".2f", "x") for _, f in ratios),
                 _note(r),
             ]
         rows.append(cells)
@@ -116,8 +131,13 @@ def table_rows(results: list[Result]) -> tuple[list[str], list[list[str]]]:
         if _is_static_skip(r) and (r.implementation, r.reason) not in seen:
             seen.add((r.implementation, r.reason))
             cells = [""] * len(varying) + [r.implementation, "", "skipped"]
-            rows.append(cells + [""] * 5 + [_note(r)])
+            rows.append(cells + [""] * blanks + [_note(r)])
     return header, rows
+
+
+def _case_cell(r: Result, field: str) -> str:
+    value = getattr(r, field)
+    return "" if value is None else str(value)
 
 
 def _note(r: Result) -> str:
@@ -166,6 +186,8 @@ def title(meta: dict, results: list[Result]) -> str:
             parts.append(same["divergence"])
         if same.get("fused_linear") is not None:
             parts.append("FusedLinear (hidden states in)" if same["fused_linear"] else "logits")
+        if same.get("teacher") == "topk":  # K and the tail are columns where they vary
+            parts.append(topk_label(same.get("topk"), same.get("topk_tail", "none")))
         shape = " ".join(
             f"{k}={same[f]}"
             for f, k in (("tokens", "N"), ("vocab", "V"), ("hidden", "H"))
@@ -181,17 +203,19 @@ def title(meta: dict, results: list[Result]) -> str:
     ceilings = f"copy bandwidth {bw:.0f} GB/s" if bw else ""
     flops = meta.get("matmul_TFLOPs") or {}
     if flops:
-        ceilings += ", matmul " + ", ".join(f"{v:.1f} TFLOP/s {k}" for k, v in flops.items())
+        ceilings += ", matmul " + ", ".join(f"{fmt_rate(v)} TFLOP/s {k}" for k, v in flops.items())
     return " | ".join(parts) + (f"  ({ceilings}, measured in this run)" if ceilings else "")
 
 
 LEGEND = (
     "median: of the timed calls; spread: half the interquartile range, as % of the median. "
-    "GB/s: the floor's bytes (inputs read once, gradient written once: design.md §3) over "
-    "the median; TFLOP/s for fused linear (its matmuls). % floor: floor time at the copy "
-    "bandwidth (matmul rate) measured in this run over the median. peak mem: allocated "
-    "beyond the inputs during one call, outputs included. vs eager: torch-eager's median "
-    "over this one. Every row was checked against the float64 reference before timing."
+    "GB/s: the floor's bytes (inputs read once, gradient written once: design.md §3; a "
+    "top-k teacher read as its K pairs: §4) over the median; TFLOP/s for fused linear (its "
+    "matmuls). % floor: floor time at the copy bandwidth (matmul rate) measured in this run "
+    "over the median. peak mem: allocated beyond the inputs during one call, outputs "
+    "included. vs eager, vs compile: torch-eager's, torch-compile's median over this one; x "
+    "matmuls: this median over the bare matmuls'. Every row was checked against the float64 "
+    "reference before timing, but the baselines whose notes say 'not checked'."
 )
 
 
@@ -255,9 +279,12 @@ def markdown_report(meta: dict, results: list[Result]) -> str:
     lines += ["", title(meta, results), ""]
     groups: dict[tuple, list[Result]] = {}
     for r in results:
-        groups.setdefault((r.fused_linear, r.divergence), []).append(r)
-    for (fused, divergence), rows in groups.items():
-        lines += [f"## {divergence}, {'FusedLinearKDLoss' if fused else 'KDLoss (logits)'}", ""]
-        lines += [markdown_table(rows), ""]
+        key = (r.fused_linear, r.divergence, r.teacher, r.topk, r.topk_tail)
+        groups.setdefault(key, []).append(r)
+    for (fused, divergence, teacher, k, tail), rows in groups.items():
+        heading = f"## {divergence}, {'FusedLinearKDLoss' if fused else 'KDLoss (logits)'}"
+        if teacher == "topk":
+            heading += f", {topk_label(k, tail)}"
+        lines += [heading, "", markdown_table(rows), ""]
     lines += [LEGEND, ""]
     return "\n".join(lines)
