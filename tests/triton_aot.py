@@ -45,21 +45,21 @@ def compile_kernel(fn, args, constexprs, capability, num_warps):
 
 
 def main(capability: int) -> None:
-    block = 4096
     for div in DIVERGENCES.values():
+        block, num_warps = kd_kernels.row_launch(128256, div.name)
         for full in (True, False):
             constexprs = dict(
                 DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=full, HAS_CE=full,
                 SOFTCAP=full, COMPUTE_GRAD=full, BLOCK=block,
             )  # fmt: skip
             size = compile_kernel(
-                kd_kernels.kd_row_kernel, ROW_KERNEL_ARGS, constexprs, capability,
-                kd_kernels._num_warps(block),
-            )  # fmt: skip
+                kd_kernels.kd_row_kernel, ROW_KERNEL_ARGS, constexprs, capability, num_warps
+            )
             print(json.dumps({"kernel": "kd_row_kernel", "divergence": div.name,
                               "full": full, "cubin_bytes": size}))  # fmt: skip
-    size = compile_kernel(kd_kernels.scale_rows_kernel, SCALE_KERNEL_ARGS, {"BLOCK": block},
-                          capability, 16)  # fmt: skip
+    size = compile_kernel(kd_kernels.scale_rows_kernel, SCALE_KERNEL_ARGS,
+                          {"BLOCK": kd_kernels.SCALE_BLOCK}, capability,
+                          kd_kernels.SCALE_WARPS)  # fmt: skip
     print(json.dumps({"kernel": "scale_rows_kernel", "cubin_bytes": size}))
 
 

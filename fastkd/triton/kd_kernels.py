@@ -170,13 +170,14 @@ def _block_terms(
 
 
 @triton.jit
-def _online_lse_step(m, z, x):
-    """Folds a block into a running (max, sum of exp(x - max)); returns it and exp(x - max)."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
+def _vector_lse_step(z, x, m_old, m_new):
+    """Folds a block into running sums of exp(x - max), one a lane, after the row's running
+    maximum moved from m_old to m_new (scalars); returns them, exp(x - max) and the rescale
+    of the old sums."""
     shift = _safe_shift(m_new)
+    rescale = tl.exp(m_old - shift)
     e = tl.exp(x - shift)
-    z = z * tl.exp(m - shift) + tl.sum(e, axis=0)
-    return m_new, z, e, tl.exp(m - shift)
+    return z * rescale + e, e, rescale
 
 
 @triton.jit
@@ -238,23 +239,31 @@ def kd_row_kernel(
         if SOFTCAP:
             s_label = softcap * _tanh(s_label / softcap)
 
-    # Pass 1: log-sum-exps, and the cross term for the one-pass divergences.
-    m_a = float("-inf")
-    z_a = 0.0
-    m_b = float("-inf")
-    z_b = 0.0
+    # Pass 1: log-sum-exps, and the cross term for the one-pass divergences. The maxima are
+    # scalars (two block-wide max reductions a block); the sums are vectors, one lane a
+    # column of the block, reduced once at the end of the row: the lanes share the maxima,
+    # so the reduction is a plain sum. a = s * inv_t rounds monotonically in s (inv_t > 0),
+    # so max a = max(s) * inv_t exactly, and s's maximum serves CE and the student.
     m_s = float("-inf")
-    z_s = 0.0
-    cross = 0.0
+    m_b = float("-inf")
+    m_a = float("-inf")
+    z_a = tl.zeros([BLOCK], dtype=tl.float32)
+    z_b = tl.zeros([BLOCK], dtype=tl.float32)
+    z_s = tl.zeros([BLOCK], dtype=tl.float32)
+    cross = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
         _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-        m_a_old, m_b_old, z_a_old, z_b_old = m_a, m_b, z_a, z_b
-        m_a, z_a, e_a, rescale_a = _online_lse_step(m_a, z_a, a)
-        m_b, z_b, e_b, rescale_b = _online_lse_step(m_b, z_b, b)
+        m_s_old, m_a_old, m_b_old = m_s, m_a, m_b
+        z_a_old, z_b_old = z_a, z_b
+        m_s = tl.maximum(m_s, tl.max(s, axis=0))
+        m_a = m_s * inv_t
+        m_b = tl.maximum(m_b, tl.max(b, axis=0))
+        z_a, e_a, rescale_a = _vector_lse_step(z_a, a, m_a_old, m_a)
+        z_b, e_b, rescale_b = _vector_lse_step(z_b, b, m_b_old, m_b)
         if HAS_CE:
-            m_s, z_s, _, _ = _online_lse_step(m_s, z_s, s)
+            z_s, _, _ = _vector_lse_step(z_s, s, m_s_old, m_s)
         # The cross terms are carried relative to the running maxima (a - m_a, b - m_b), so
         # that an offset shared by the logits is never summed and then cancelled.
         moved_a = m_a - m_a_old
@@ -262,17 +271,21 @@ def kd_row_kernel(
         a_rel = a - _safe_shift(m_a)
         b_rel = b - _safe_shift(m_b)
         if DIV == "forward_kl":  # sum e_b ((b - m_b) - (a - m_a))
-            cross = _rebase(cross, rescale_b, z_b_old, moved_a - moved_b) + tl.sum(
-                tl.where(e_b > 0.0, e_b * (b_rel - a_rel), 0.0), axis=0
+            cross = _rebase(cross, rescale_b, z_b_old, moved_a - moved_b) + tl.where(
+                e_b > 0.0, e_b * (b_rel - a_rel), 0.0
             )
         elif DIV == "soft_ce":  # -sum e_b (a - m_a)
-            cross = _rebase(cross, rescale_b, z_b_old, moved_a) - tl.sum(
-                tl.where(e_b > 0.0, e_b * a_rel, 0.0), axis=0
+            cross = _rebase(cross, rescale_b, z_b_old, moved_a) - tl.where(
+                e_b > 0.0, e_b * a_rel, 0.0
             )
         elif DIV == "reverse_kl":  # sum e_a ((a - m_a) - (b - m_b))
-            cross = _rebase(cross, rescale_a, z_a_old, moved_b - moved_a) + tl.sum(
-                tl.where(e_a > 0.0, e_a * (a_rel - b_rel), 0.0), axis=0
+            cross = _rebase(cross, rescale_a, z_a_old, moved_b - moved_a) + tl.where(
+                e_a > 0.0, e_a * (a_rel - b_rel), 0.0
             )
+    z_a = tl.sum(z_a, axis=0)
+    z_b = tl.sum(z_b, axis=0)
+    z_s = tl.sum(z_s, axis=0)
+    cross = tl.sum(cross, axis=0)
     # log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
     # would round it to the ulp of the logits' magnitude.
     m_a = _safe_shift(m_a)
@@ -370,12 +383,22 @@ def scale_rows_kernel(
             tl.store(g_row + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_size(V: int) -> int:
-    return min(triton.next_power_of_2(max(V, 16)), 4096)
+def row_launch(V: int, divergence: str) -> tuple[int, int]:
+    """(BLOCK, num_warps) of kd_row_kernel for a row of V entries.
+
+    At most 2048 entries a block, 4 a thread: at 4096 over 16 warps (8 a thread) the mixture
+    divergences and TVD spilled on sm_90, and pass 1's vector accumulators take the others
+    to 91-95 registers (tests/test_cuda_resources.py holds every row kernel to no spill and
+    at most 64 registers: 32 warps an SM).
+    """
+    block = min(triton.next_power_of_2(max(V, 16)), 2048)
+    return block, min(16, max(1, block // 128))
 
 
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 2048 else 16
+# scale_rows_kernel holds one value an entry: 8 a thread at 16 warps (16-byte loads of
+# 16-bit data).
+SCALE_BLOCK = 4096
+SCALE_WARPS = 16
 
 
 def _launch_device(x: torch.Tensor):
@@ -395,7 +418,7 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     if n_rows == 0:
         return RowLosses(kd_per_row, ce_per_row)
     div = DIVERGENCES[config.divergence]
-    block = _block_size(V)
+    block, num_warps = row_launch(V, div.name)
     w = config.mix_weight
     with _launch_device(student):
         kd_row_kernel[(n_rows,)](
@@ -428,7 +451,7 @@ def row_kernel(rows: RowArgs) -> RowLosses:
             SOFTCAP=config.softcap is not None,
             COMPUTE_GRAD=grad is not None,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            num_warps=num_warps,
         )
     return RowLosses(kd_per_row, ce_per_row)
 
@@ -439,7 +462,7 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if n_rows == 0:
         return
     grad_output = grad_output.to(device=grad.device)
-    block = _block_size(V)
+    block = min(triton.next_power_of_2(max(V, 16)), SCALE_BLOCK)
     with _launch_device(grad):
         scale_rows_kernel[(n_rows,)](
             grad,
@@ -448,5 +471,5 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
             0 if grad_output.dim() == 0 else grad_output.stride(0),
             V,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            num_warps=min(SCALE_WARPS, max(4, block // 256)),
         )
