@@ -82,18 +82,18 @@ def test_cuda_row_kernels_fit_64_registers(tmp_path):
 # Run in a fresh interpreter without TRITON_INTERPRET (the suite's conftest may set it) and
 # with an empty cache, so that Triton runs ptxas and prints its -v log (TRITON_DUMP_PTXAS_LOG).
 # Triton 3.x fills CompiledKernel.n_regs / n_spills only when it loads the cubin on a GPU; the
-# metadata holds neither, so the log is read instead. Every (BLOCK, num_warps) the launcher
-# picks for the vocabularies below, every divergence, the variant with the most live values
-# (CE, soft-cap and gradient on).
-TRITON_VOCABS = (37, 1000, 32000, 128256)
+# metadata holds neither, so the log is read instead. Every (BLOCK, num_warps) of the launch
+# table (the largest V of each row, a small V and a long row), every divergence, the variant
+# with the most live values (CE, soft-cap and gradient on).
 TRITON_SCRIPT = r"""
 import contextlib, io, json, sys
 import triton_aot
 from fastkd.divergences import DIVERGENCES
-from fastkd.triton import kd_kernels
+from fastkd.triton import kd_kernels, launch
 
+vocabs = {v for v, _, _ in launch.MULTI_PASS_TABLE if v is not None} | {37, 128256}
 for div in DIVERGENCES.values():
-    for block, num_warps in sorted({kd_kernels.row_launch(V, div.name) for V in VOCABS}):
+    for block, num_warps in sorted({launch.row_launch(V, div.name) for V in vocabs}):
         constexprs = dict(DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=True,
                           HAS_CE=True, SOFTCAP=True, COMPUTE_GRAD=True, BLOCK=block)
         log = io.StringIO()
@@ -118,9 +118,8 @@ def test_triton_row_kernel_does_not_spill(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")])
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton_cache")
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
-    script = f"VOCABS = {TRITON_VOCABS!r}\n" + TRITON_SCRIPT
     proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env,
+        [sys.executable, "-c", TRITON_SCRIPT], capture_output=True, text=True, env=env,
         timeout=600, cwd=str(HERE),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]

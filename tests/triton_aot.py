@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastkd.divergences import DIVERGENCES
-from fastkd.triton import kd_kernels
+from fastkd.triton import kd_kernels, launch
 
 ROW_KERNEL_ARGS = {
     "s_ptr": "*bf16", "s_row_stride": "i64", "t_ptr": "*fp16", "t_row_stride": "i64",
@@ -46,7 +46,7 @@ def compile_kernel(fn, args, constexprs, capability, num_warps):
 
 def main(capability: int) -> None:
     for div in DIVERGENCES.values():
-        block, num_warps = kd_kernels.row_launch(128256, div.name)
+        block, num_warps = launch.row_launch(128256, div.name)
         for full in (True, False):
             constexprs = dict(
                 DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=full, HAS_CE=full,

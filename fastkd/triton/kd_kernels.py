@@ -35,6 +35,7 @@ from .kd_math import (
     tanh,
     tvd_split,
 )
+from .launch import row_launch
 
 
 @triton.jit
@@ -185,18 +186,6 @@ def scale_rows_kernel(
             mask = cols < V
             g = tl.load(g_row + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(g_row + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-def row_launch(V: int, divergence: str) -> tuple[int, int]:
-    """(BLOCK, num_warps) of kd_row_kernel for a row of V entries.
-
-    At most 2048 entries a block, 4 a thread: at 4096 over 16 warps (8 a thread) the mixture
-    divergences and TVD spilled on sm_90, and pass 1's vector accumulators take the others
-    to 91-95 registers (tests/test_cuda_resources.py holds every row kernel to no spill and
-    at most 64 registers: 32 warps an SM).
-    """
-    block = min(triton.next_power_of_2(max(V, 16)), 2048)
-    return block, min(16, max(1, block // 128))
 
 
 # scale_rows_kernel holds one value an entry: 8 a thread at 16 warps (16-byte loads of
