@@ -82,26 +82,25 @@ def test_cuda_row_kernels_fit_64_registers(tmp_path):
 # Run in a fresh interpreter without TRITON_INTERPRET (the suite's conftest may set it) and
 # with an empty cache, so that Triton runs ptxas and prints its -v log (TRITON_DUMP_PTXAS_LOG).
 # Triton 3.x fills CompiledKernel.n_regs / n_spills only when it loads the cubin on a GPU; the
-# metadata holds neither, so the log is read instead. Every (BLOCK, num_warps) of the launch
-# table (the largest V of each row, a small V and a long row), every divergence, the variant
-# with the most live values (CE, soft-cap and gradient on).
+# metadata holds neither, so the log is read instead. Every configuration of the launch
+# tables (fastkd/triton/launch.py), every divergence, the variant with the most live values
+# (CE, soft-cap and gradient on).
 TRITON_SCRIPT = r"""
 import contextlib, io, json, sys
 import triton_aot
 from fastkd.divergences import DIVERGENCES
-from fastkd.triton import kd_kernels, launch
+from fastkd.triton import launch
 
-vocabs = {v for v, _, _ in launch.MULTI_PASS_TABLE if v is not None} | {37, 128256}
 for div in DIVERGENCES.values():
-    for block, num_warps in sorted({launch.row_launch(V, div.name) for V in vocabs}):
+    for kernel, block, num_warps in launch.every_launch():
         constexprs = dict(DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=True,
                           HAS_CE=True, SOFTCAP=True, COMPUTE_GRAD=True, BLOCK=block)
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            triton_aot.compile_kernel(kd_kernels.kd_row_kernel, triton_aot.ROW_KERNEL_ARGS,
+            triton_aot.compile_kernel(triton_aot.ROW_KERNELS[kernel], triton_aot.ROW_KERNEL_ARGS,
                                       constexprs, 90, num_warps)
-        print(json.dumps({"divergence": div.name, "block": block, "num_warps": num_warps,
-                          "log": log.getvalue()}))
+        print(json.dumps({"divergence": div.name, "kernel": kernel, "block": block,
+                          "num_warps": num_warps, "log": log.getvalue()}))
 """
 
 
@@ -133,9 +132,10 @@ def test_triton_row_kernel_does_not_spill(tmp_path):
         assert kernels, f"no ptxas -v log from Triton for {r['divergence']}: {r['log'][-2000:]}"
         for regs, spill_st, spill_ld in kernels.values():
             print(
-                f"triton sm_90 {r['divergence']} BLOCK {r['block']} x {r['num_warps']} warps: "
+                f"triton sm_90 {r['kernel']} {r['divergence']} BLOCK {r['block']} x "
+                f"{r['num_warps']} warps: "
                 f"{regs} registers, spills {spill_st}/{spill_ld} B"
             )
             if spill_st or regs > TRITON_MAX_REGISTERS:
-                over.append((r["divergence"], r["block"], r["num_warps"], regs, spill_st))
+                over.append((r["kernel"], r["divergence"], r["block"], r["num_warps"], regs))
     assert not over, over

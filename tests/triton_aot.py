@@ -13,7 +13,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from fastkd.divergences import DIVERGENCES
-from fastkd.triton import kd_kernels, launch
+from fastkd.triton import kd_kernels, kd_onchip, launch
 
 ROW_KERNEL_ARGS = {
     "s_ptr": "*bf16", "s_row_stride": "i64", "t_ptr": "*fp16", "t_row_stride": "i64",
@@ -24,6 +24,10 @@ ROW_KERNEL_ARGS = {
     "log_1mw": "fp32",
     "kd_grad_coef": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
 }  # fmt: skip
+ROW_KERNELS = {
+    launch.MULTI_PASS: kd_kernels.kd_row_kernel,
+    launch.ON_CHIP: kd_onchip.kd_row_onchip_kernel,
+}
 SCALE_KERNEL_ARGS = {
     "grad_ptr": "*bf16", "grad_row_stride": "i64", "grad_output_ptr": "*fp32",
     "grad_output_row_stride": "i64", "V": "i32",
@@ -46,17 +50,19 @@ def compile_kernel(fn, args, constexprs, capability, num_warps):
 
 def main(capability: int) -> None:
     for div in DIVERGENCES.values():
-        block, num_warps = launch.row_launch(128256, div.name)
-        for full in (True, False):
-            constexprs = dict(
-                DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=full, HAS_CE=full,
-                SOFTCAP=full, COMPUTE_GRAD=full, BLOCK=block,
-            )  # fmt: skip
-            size = compile_kernel(
-                kd_kernels.kd_row_kernel, ROW_KERNEL_ARGS, constexprs, capability, num_warps
-            )
-            print(json.dumps({"kernel": "kd_row_kernel", "divergence": div.name,
-                              "full": full, "cubin_bytes": size}))  # fmt: skip
+        # a long row and the longest on chip
+        for V in (128256, launch.ON_CHIP_MAX_V):
+            kernel, block, num_warps = launch.row_launch(V, div.name)
+            for full in (True, False):
+                constexprs = dict(
+                    DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=full,
+                    HAS_CE=full, SOFTCAP=full, COMPUTE_GRAD=full, BLOCK=block,
+                )  # fmt: skip
+                size = compile_kernel(
+                    ROW_KERNELS[kernel], ROW_KERNEL_ARGS, constexprs, capability, num_warps
+                )
+                print(json.dumps({"kernel": kernel, "divergence": div.name, "full": full,
+                                  "cubin_bytes": size}))  # fmt: skip
     size = compile_kernel(kd_kernels.scale_rows_kernel, SCALE_KERNEL_ARGS,
                           {"BLOCK": kd_kernels.SCALE_BLOCK}, capability,
                           kd_kernels.SCALE_WARPS)  # fmt: skip

@@ -9,7 +9,8 @@ dL/ds_j = scale * (kd_coef/T * q_j (g_j - S) + ce_weight (softmax(s)_j - [j == y
 Nothing of size N x V is allocated here: the caller hands in the gradient buffer (which may
 be the student logits themselves, since the last pass reads a block before writing it).
 
-Every sum, exp and log is float32; row offsets are int64.
+Every sum, exp and log is float32; row offsets are int64. Rows short enough to hold on chip
+take kd_onchip.py's one-read kernel instead (launch.py chooses; row_kernel below launches).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import triton.language as tl
 
 from .._rows import RowArgs, RowLosses
 from ..divergences import DIVERGENCES
+from . import launch as launch_table
 from .kd_math import (
     block_terms,
     grad_terms,
@@ -35,7 +37,7 @@ from .kd_math import (
     tanh,
     tvd_split,
 )
-from .launch import row_launch
+from .kd_onchip import kd_row_onchip_kernel
 
 
 @triton.jit
@@ -200,7 +202,9 @@ def _launch_device(x: torch.Tensor):
 
 
 def row_kernel(rows: RowArgs) -> RowLosses:
-    """The fastkd._rows interface: one program per row of (N, V) row-major views."""
+    """The fastkd._rows interface: one program per row of (N, V) row-major views, by
+    kd_row_kernel or, for rows that fit on chip, kd_onchip.kd_row_onchip_kernel
+    (fastkd/triton/launch.py)."""
     config = rows.config
     student, labels, grad = rows.student, rows.labels, rows.grad
     n_rows, V = student.shape
@@ -211,10 +215,11 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     if n_rows == 0:
         return RowLosses(kd_per_row, ce_per_row)
     div = DIVERGENCES[config.divergence]
-    block, num_warps = row_launch(V, div.name)
+    launch = launch_table.row_launch(V, div.name)
+    kernel = kd_row_kernel if launch.kernel == launch_table.MULTI_PASS else kd_row_onchip_kernel
     w = config.mix_weight
     with _launch_device(student):
-        kd_row_kernel[(n_rows,)](
+        kernel[(n_rows,)](
             student,
             student.stride(0),
             rows.teacher,
@@ -243,8 +248,8 @@ def row_kernel(rows: RowArgs) -> RowLosses:
             HAS_CE=labels is not None and config.has_ce,
             SOFTCAP=config.softcap is not None,
             COMPUTE_GRAD=grad is not None,
-            BLOCK=block,
-            num_warps=num_warps,
+            BLOCK=launch.block,
+            num_warps=launch.num_warps,
         )
     return RowLosses(kd_per_row, ce_per_row)
 
@@ -270,7 +275,7 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
 
 # fastkd/triton/topk_kernels.py (the top-k teachers' kernels, written on main alongside this
 # change) imports these under their earlier names and keeps its earlier launch; they can go
-# once it imports fastkd/triton/kd_math.py and row_launch.
+# once it imports fastkd/triton/kd_math.py and launch.py.
 _load_row_block = load_row_block
 _online_lse_step = online_lse_step
 _safe_shift = safe_shift

@@ -188,6 +188,19 @@ def vector_lse_step(z, x, m_old, m_new):
 
 
 @triton.jit
+def cross_terms(DIV: tl.constexpr, a_rel, b_rel, e_b, e_a):
+    """The terms of the cross sum from which pass 1 gives the loss of forward_kl, soft_ce and
+    reverse_kl (one_pass_loss), with a_rel = a - m_a, b_rel = b - m_b, e = exp(rel)."""
+    if DIV == "forward_kl":  # sum e_b ((b - m_b) - (a - m_a))
+        return tl.where(e_b > 0.0, e_b * (b_rel - a_rel), 0.0)
+    elif DIV == "soft_ce":  # -sum e_b (a - m_a)
+        return -tl.where(e_b > 0.0, e_b * a_rel, 0.0)
+    else:
+        tl.static_assert(DIV == "reverse_kl", "a divergence without a one-pass loss")
+        return tl.where(e_a > 0.0, e_a * (a_rel - b_rel), 0.0)
+
+
+@triton.jit
 def stats_step(DIV: tl.constexpr, HAS_CE: tl.constexpr, s, a, b, inv_t, m_s, m_b, z_a, z_b,
                z_s, cross):  # fmt: skip
     """Pass 1's step over a block (s soft-capped, a = s/T, b = t/T; -inf where masked): the
@@ -210,21 +223,18 @@ def stats_step(DIV: tl.constexpr, HAS_CE: tl.constexpr, s, a, b, inv_t, m_s, m_b
     if HAS_CE:
         z_s, _, _ = vector_lse_step(z_s, s, m_s_old, m_s)
     # The cross terms are carried relative to the running maxima (a - m_a, b - m_b), so
-    # that an offset shared by the logits is never summed and then cancelled.
+    # that an offset shared by the logits is never summed and then cancelled: moving the
+    # maxima moves every carried value.
     moved_a = m_a - m_a_old
     moved_b = m_b - m_b_old
-    a_rel = a - safe_shift(m_a)
-    b_rel = b - safe_shift(m_b)
-    if DIV == "forward_kl":  # sum e_b ((b - m_b) - (a - m_a))
-        cross = rebase(cross, rescale_b, z_b_old, moved_a - moved_b) + tl.where(
-            e_b > 0.0, e_b * (b_rel - a_rel), 0.0
-        )
-    elif DIV == "soft_ce":  # -sum e_b (a - m_a)
-        cross = rebase(cross, rescale_b, z_b_old, moved_a) - tl.where(e_b > 0.0, e_b * a_rel, 0.0)
-    elif DIV == "reverse_kl":  # sum e_a ((a - m_a) - (b - m_b))
-        cross = rebase(cross, rescale_a, z_a_old, moved_b - moved_a) + tl.where(
-            e_a > 0.0, e_a * (a_rel - b_rel), 0.0
-        )
+    if DIV == "forward_kl":
+        cross = rebase(cross, rescale_b, z_b_old, moved_a - moved_b)
+    elif DIV == "soft_ce":
+        cross = rebase(cross, rescale_b, z_b_old, moved_a)
+    elif DIV == "reverse_kl":
+        cross = rebase(cross, rescale_a, z_a_old, moved_b - moved_a)
+    if DIV == "forward_kl" or DIV == "soft_ce" or DIV == "reverse_kl":
+        cross += cross_terms(DIV, a - safe_shift(m_a), b - safe_shift(m_b), e_b, e_a)
     return m_s, m_b, z_a, z_b, z_s, cross
 
 

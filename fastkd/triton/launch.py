@@ -1,11 +1,14 @@
-"""Which (BLOCK, num_warps) the Triton row kernel runs with, by V, from a small table.
+"""Which Triton row kernel runs, with which (BLOCK, num_warps): by V and the divergence,
+from small tables.
 
 The numbers come from the kernels' resource reports (Triton 3.8, ptxas for sm_90,
 tests/test_cuda_resources.py) and are explained in docs/performance.md, "Triton launch
-table": at most 4 entries a thread (8 spilled, or took the row kernel to 85-95 registers),
-at most 64 registers a thread (32 warps an SM, whatever the program's size), and 2048
-entries a block over 16 warps for the long rows (two programs an SM at 49-50 registers,
-three at 40). A GPU has yet to time them; the table is where its answer goes.
+table": at most 64 registers a thread (32 warps an SM, whatever the program's size) and no
+spill. Rows up to ON_CHIP_MAX_V entries are held whole by kd_onchip.kd_row_onchip_kernel (4
+or 8 entries a thread: one read of the row); longer ones take kd_kernels.kd_row_kernel's passes
+(4 entries a thread; 8 spilled, or took it to 85-95 registers), 2048 entries a block over 16
+warps for the long rows (two programs an SM at 49-50 registers, three at 40). A GPU has yet
+to time them; the tables are where its answer goes.
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ from typing import NamedTuple
 
 import triton
 
+MULTI_PASS = "multi_pass"
+ON_CHIP = "on_chip"
+
 
 class RowLaunch(NamedTuple):
+    kernel: str  # MULTI_PASS or ON_CHIP
     block: int  # vocabulary entries a block (a power of two)
     num_warps: int
 
 
-# (largest V, BLOCK, num_warps) of kd_row_kernel: the first row whose V bound holds. BLOCK
-# None is next_power_of_2(V), at least 16 (one block holds the row).
+# (largest V, BLOCK, num_warps), the first row whose V bound holds; BLOCK None is
+# next_power_of_2(V), at least 16 (one block holds the row).
+# kd_row_kernel: 4 entries a thread.
 MULTI_PASS_TABLE = (
     (128, None, 1),
     (256, 256, 2),
@@ -29,17 +37,44 @@ MULTI_PASS_TABLE = (
     (1024, 1024, 8),
     (None, 2048, 16),
 )
+# kd_row_onchip_kernel: the whole row, 4 entries a thread up to 2048 and 8 above (16
+# spilled in every divergence but tvd at 16384 over 32 warps; 8 took skew_forward_kl to 69
+# registers over one warp, and spilled 4 bytes in tvd at 2048 over 8 warps).
+ON_CHIP_TABLE = (
+    (128, None, 1),
+    (256, 256, 2),
+    (512, 512, 4),
+    (1024, 1024, 8),
+    (2048, 2048, 16),
+    (4096, 4096, 16),
+    (8192, 8192, 32),
+)
+# The longest row the on-chip kernel takes, for every divergence. Tests lower it to 0 to
+# run the multi-pass kernel on short rows.
+ON_CHIP_MAX_V = ON_CHIP_TABLE[-1][0]
+
+
+def _lookup(table, V: int) -> tuple[int, int]:
+    for largest_v, block, num_warps in table:
+        if largest_v is None or largest_v >= V:
+            return block or triton.next_power_of_2(max(V, 16)), num_warps
+    raise ValueError(f"no row of the launch table holds V = {V}")
 
 
 def row_launch(V: int, divergence: str) -> RowLaunch:
-    """(BLOCK, num_warps) of kd_row_kernel for rows of V entries of ``divergence``.
+    """The kernel and its (BLOCK, num_warps) for rows of V entries of ``divergence``.
 
-    The divergence does not change the multi-pass configuration today (the same rule fits
-    every row of the resource reports); it is an argument because it sets how many programs
-    share an SM and which variant of the kernel runs."""
-    for largest_v, block, num_warps in MULTI_PASS_TABLE:
-        if largest_v is None or largest_v >= V:
-            if block is None:
-                block = triton.next_power_of_2(max(V, 16))
-            return RowLaunch(block, num_warps)
-    raise AssertionError("the table's last row holds every V")
+    The divergence moves nothing today: one threshold and one rule fit every divergence's
+    reports (docs/performance.md), and a GPU may say otherwise."""
+    if V <= ON_CHIP_MAX_V:
+        return RowLaunch(ON_CHIP, *_lookup(ON_CHIP_TABLE, V))
+    return RowLaunch(MULTI_PASS, *_lookup(MULTI_PASS_TABLE, V))
+
+
+def every_launch() -> list[RowLaunch]:
+    """Every configuration the tables can pick (for the resource test)."""
+    return [
+        RowLaunch(kernel, *_lookup(table, V if V is not None else 1 << 20))
+        for kernel, table in ((MULTI_PASS, MULTI_PASS_TABLE), (ON_CHIP, ON_CHIP_TABLE))
+        for V, _, _ in table
+    ]
