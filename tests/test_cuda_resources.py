@@ -92,15 +92,13 @@ from fastkd.divergences import DIVERGENCES
 from fastkd.triton import launch
 
 for div in DIVERGENCES.values():
-    for kernel, block, num_warps in launch.every_launch():
-        constexprs = dict(DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=True,
-                          HAS_CE=True, SOFTCAP=True, COMPUTE_GRAD=True, BLOCK=block)
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            triton_aot.compile_kernel(triton_aot.ROW_KERNELS[kernel], triton_aot.ROW_KERNEL_ARGS,
-                                      constexprs, 90, num_warps)
-        print(json.dumps({"divergence": div.name, "kernel": kernel, "block": block,
-                          "num_warps": num_warps, "log": log.getvalue()}))
+    for kernel, block, num_warps, _ in launch.every_launch():
+        for name, fn, constexprs in triton_aot.launch_kernels(kernel, div, True, block):
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                triton_aot.compile_kernel(fn, constexprs, 90, num_warps)
+            print(json.dumps({"divergence": div.name, "kernel": name, "block": block,
+                              "num_warps": num_warps, "log": log.getvalue()}))
 """
 
 

@@ -1,7 +1,8 @@
-"""Each Triton row kernel against the float64 reference (design.md §1-2), whatever V
+"""Each Triton row kernel against the float64 reference (design.md §1-2), whatever V and N
 fastkd/triton/launch.py would give it: its thresholds and tables are overridden so that
 short rows (the interpreter's pace) run each kernel, the multi-pass one over several
-blocks a row. The rest of the suite runs whichever kernel the tables pick."""
+blocks a row, the split one over three chunks of two blocks (the last one short). The rest
+of the suite runs whichever kernel the tables pick."""
 
 import os
 import zlib
@@ -26,23 +27,28 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
     pytest.skip("no GPU and TRITON_INTERPRET is not set", allow_module_level=True)
 
 DIVERGENCES = list(fastkd.DIVERGENCES)
-V = 300  # the multi-pass kernel walks it in 5 blocks of 64, the on-chip one in one of 512
+# The multi-pass kernel walks a row in 5 blocks of 64, the on-chip one in one of 512, the
+# split one in chunks of 128, 128 and 44 (4 rows, 8 SMs standing in for the GPU's).
+V = 300
 
 
 def _generator(*key) -> torch.Generator:
     return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
 
 
-@pytest.fixture(params=["multi_pass", "on_chip"])
+@pytest.fixture(params=["multi_pass", "on_chip", "split"])
 def variant(request, monkeypatch):
     """Forces one kernel, and asserts that every launch of the test ran it."""
     from fastkd.triton import launch
 
-    if request.param == "multi_pass":
+    if request.param == "on_chip":
+        monkeypatch.setattr(launch, "ON_CHIP_MAX_V", 1 << 20)
+    else:
         monkeypatch.setattr(launch, "ON_CHIP_MAX_V", 0)
         monkeypatch.setattr(launch, "MULTI_PASS_TABLE", ((None, 64, 1),))
-    else:
-        monkeypatch.setattr(launch, "ON_CHIP_MAX_V", 1 << 20)
+        split = request.param == "split"
+        monkeypatch.setattr(launch, "sm_count", lambda device: 8 if split else 0)
+        monkeypatch.setattr(launch, "SPLIT_MIN_CHUNK", 64)
     chosen = []
     real = launch.row_launch
 

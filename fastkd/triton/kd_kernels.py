@@ -24,6 +24,7 @@ import triton.language as tl
 
 from .._rows import RowArgs, RowLosses
 from ..divergences import DIVERGENCES
+from . import kd_split
 from . import launch as launch_table
 from .kd_math import (
     block_terms,
@@ -202,9 +203,9 @@ def _launch_device(x: torch.Tensor):
 
 
 def row_kernel(rows: RowArgs) -> RowLosses:
-    """The fastkd._rows interface: one program per row of (N, V) row-major views, by
-    kd_row_kernel or, for rows that fit on chip, kd_onchip.kd_row_onchip_kernel
-    (fastkd/triton/launch.py)."""
+    """The fastkd._rows interface over (N, V) row-major views: kd_row_kernel one program a
+    row, or for short rows kd_onchip.kd_row_onchip_kernel, or for few rows the kd_split.py
+    kernels over several programs a row (fastkd/triton/launch.py chooses)."""
     config = rows.config
     student, labels, grad = rows.student, rows.labels, rows.grad
     n_rows, V = student.shape
@@ -215,43 +216,86 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     if n_rows == 0:
         return RowLosses(kd_per_row, ce_per_row)
     div = DIVERGENCES[config.divergence]
-    launch = launch_table.row_launch(V, div.name)
-    kernel = kd_row_kernel if launch.kernel == launch_table.MULTI_PASS else kd_row_onchip_kernel
+    launch = launch_table.row_launch(V, div.name, n_rows, launch_table.sm_count(student.device))
     w = config.mix_weight
+    # The mixture weight's complements and logs in double here: 1 - float32(w) loses
+    # 1 - w's digits as w nears 1, and so do the logs of float32 w and 1 - w.
+    mix = dict(w=w, one_minus_w=1.0 - w, log_w=math.log(w), log_1mw=math.log1p(-w))
+    inputs = dict(
+        s_ptr=student,
+        s_row_stride=student.stride(0),
+        t_ptr=rows.teacher,
+        t_row_stride=rows.teacher.stride(0),
+        labels_ptr=labels if labels is not None else kd_per_row,
+    )
+    outputs = dict(
+        grad_ptr=grad if grad is not None else student,
+        grad_row_stride=grad.stride(0) if grad is not None else 0,
+        kd_per_row_ptr=kd_per_row,
+        ce_per_row_ptr=ce_per_row,
+        reduction_factor_ptr=rows.reduction_factor,
+    )
+    scalars = dict(
+        V=V,
+        inv_t=1.0 / config.temperature,
+        softcap=config.softcap if config.softcap is not None else 1.0,
+        **mix,
+        kd_grad_coef=config.kd_grad_coef,
+        ce_weight=config.ce_weight,
+        ignore_index=config.ignore_index,
+    )
+    flags = dict(
+        DIV=div.name,
+        ONE_PASS_LOSS=div.one_pass_loss,
+        HAS_LABELS=labels is not None,
+        HAS_CE=labels is not None and config.has_ce,
+        SOFTCAP=config.softcap is not None,
+        COMPUTE_GRAD=grad is not None,
+        BLOCK=launch.block,
+    )
     with _launch_device(student):
-        kernel[(n_rows,)](
-            student,
-            student.stride(0),
-            rows.teacher,
-            rows.teacher.stride(0),
-            labels if labels is not None else kd_per_row,
-            grad if grad is not None else student,
-            grad.stride(0) if grad is not None else 0,
-            kd_per_row,
-            ce_per_row,
-            rows.reduction_factor,
-            V,
-            1.0 / config.temperature,
-            config.softcap if config.softcap is not None else 1.0,
-            w,
-            # In double here: 1 - float32(w) loses 1 - w's digits as w nears 1, and so do
-            # the logs of float32 w and 1 - w.
-            1.0 - w,
-            math.log(w),
-            math.log1p(-w),
-            config.kd_grad_coef,
-            config.ce_weight,
-            config.ignore_index,
-            DIV=div.name,
-            ONE_PASS_LOSS=div.one_pass_loss,
-            HAS_LABELS=labels is not None,
-            HAS_CE=labels is not None and config.has_ce,
-            SOFTCAP=config.softcap is not None,
-            COMPUTE_GRAD=grad is not None,
-            BLOCK=launch.block,
-            num_warps=launch.num_warps,
-        )
+        if launch.kernel == launch_table.SPLIT:
+            _launch_split(launch, n_rows, inputs, outputs, scalars, flags)
+        else:
+            kernel = (
+                kd_row_kernel
+                if launch.kernel == launch_table.MULTI_PASS
+                else (kd_row_onchip_kernel)
+            )
+            kernel[(n_rows,)](**inputs, **outputs, **scalars, **flags,
+                              num_warps=launch.num_warps)  # fmt: skip
     return RowLosses(kd_per_row, ce_per_row)
+
+
+def _launch_split(launch, n_rows, inputs, outputs, scalars, flags) -> None:
+    """kd_split.py's launches: stats, the 3-pass divergences' terms, then the loss and the
+    gradient, over chunks of whole blocks."""
+    V, block = scalars["V"], launch.block
+    chunk = triton.cdiv(triton.cdiv(V, launch.chunks), block) * block
+    K = triton.cdiv(V, chunk)
+    device = inputs["s_ptr"].device
+    stats = torch.empty((n_rows, K, kd_split.STATS), dtype=torch.float32, device=device)
+    terms = torch.empty((n_rows, K, kd_split.TERMS), dtype=torch.float32, device=device)
+    row = dict(V=V, chunk=chunk, inv_t=scalars["inv_t"], softcap=scalars["softcap"])
+    mix = {k: scalars[k] for k in ("w", "one_minus_w", "log_w", "log_1mw")}
+    common = dict(DIV=flags["DIV"], HAS_LABELS=flags["HAS_LABELS"], SOFTCAP=flags["SOFTCAP"],
+                  BLOCK=block, num_warps=launch.num_warps)  # fmt: skip
+    KP = triton.next_power_of_2(K)
+    kd_split.kd_split_stats_kernel[(n_rows, K)](
+        **inputs, stats_ptr=stats, **row, ignore_index=scalars["ignore_index"],
+        HAS_CE=flags["HAS_CE"], **common,
+    )  # fmt: skip
+    if not flags["ONE_PASS_LOSS"]:
+        kd_split.kd_split_terms_kernel[(n_rows, K)](
+            **inputs, stats_ptr=stats, terms_ptr=terms, **row, **mix,
+            ignore_index=scalars["ignore_index"], KP=KP, **common,
+        )  # fmt: skip
+    kd_split.kd_split_finish_kernel[(n_rows, K if flags["COMPUTE_GRAD"] else 1)](
+        **inputs, **outputs, stats_ptr=stats, terms_ptr=terms, K=K, **row, **mix,
+        kd_grad_coef=scalars["kd_grad_coef"], ce_weight=scalars["ce_weight"],
+        ignore_index=scalars["ignore_index"], ONE_PASS_LOSS=flags["ONE_PASS_LOSS"],
+        HAS_CE=flags["HAS_CE"], COMPUTE_GRAD=flags["COMPUTE_GRAD"], KP=KP, **common,
+    )  # fmt: skip
 
 
 def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
