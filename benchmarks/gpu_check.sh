@@ -9,8 +9,10 @@
 #      then FusedLinearKDLoss (H_s=2048, H_t=4096); V in 128k, 32k, 256k at N=8192 and N in
 #      1k, 16k at V=128256; the torch.compile rows last,
 #   4. run the rest of the tests if time is left,
-#   5. write bench.json, bench.md (tables, build and test status), plot-*.png and check.log
-#      into PARENT/<card>-<date>/ (PARENT defaults to benchmarks/results).
+#   5. write bench.json, bench.md (tables, measured over expected per case from
+#      benchmarks/expected_times.py, build and test status), plot-*.png and check.log into
+#      PARENT/<card>-<date>/ (PARENT defaults to benchmarks/results), and print measured
+#      over expected before the summary.
 #
 # Usage:  bash benchmarks/gpu_check.sh [PARENT]
 #
@@ -293,6 +295,14 @@ for line in bad:
 EOF
     )
     grep -q "^FASTKD-BAD" <<<"$BENCH_COUNTS" && fail "fastkd rows wrong or in error: $(grep -c "^FASTKD-BAD" <<<"$BENCH_COUNTS")"
+    # measured over expected per case: docs/performance.md's bytes at the copy bandwidth
+    if [ -f "$RESULTS/bench.json" ] && "$PY" benchmarks/expected_times.py "$RESULTS/bench.json" \
+        >"$TMP/expected.md" 2>>"$LOG"; then
+        cat "$TMP/expected.md" >>"$RESULTS/bench.md"
+        cat "$TMP/expected.md" >>"$LOG"
+    else
+        fail "benchmarks/expected_times.py failed (see check.log)"
+    fi
 elif has_step bench; then
     fail "no benchmark results were written"
 fi
@@ -318,5 +328,6 @@ VERDICT="PASS"
 } >"$TMP/summary.md"
 [ -f "$RESULTS/bench.md" ] && cat "$TMP/summary.md" >>"$RESULTS/bench.md"
 cat "$TMP/report.out" 2>/dev/null
+cat "$TMP/expected.md" 2>/dev/null
 tee -a "$LOG" <"$TMP/summary.md"
 [ ${#FAILURES[@]} -eq 0 ]

@@ -2,7 +2,7 @@
 // the top-k rows), once for the CPU and CUDA kernels, which only walk rows and blocks
 // (design.md §6).
 //
-// The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py: written as templates over the
+// The C++ twin of `pointwise` in fastkd/triton/kd_math.py: written as templates over the
 // value type F, so that one text serves both kernels. The CUDA kernel instantiates them with
 // F = float (host/device functions); the CPU kernel with F = at::vec::Vectorized<float>, whose
 // primitives it supplies by specialising `Ops<F>`. Nothing here branches on the data: guards
@@ -199,7 +199,7 @@ struct Terms {
 
 // The design.md §1 table for one vocabulary entry, from the teacher's and the student's
 // log-probabilities and probabilities (p = exp(log_p), q = exp(log_q): the callers have them)
-// and a_minus_b = log_ratio(a, b). The C++ twin of `_pointwise` in fastkd/triton/kd_kernels.py,
+// and a_minus_b = log_ratio(a, b). The C++ twin of `pointwise` in fastkd/triton/kd_math.py,
 // with the same h; the mixture divergences are written through `mixture` (one exp and one
 // log1p an entry where logaddexp + softplus take two of each; also free of the cancellation
 // of log p - log m, as their gradients already were).

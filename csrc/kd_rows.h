@@ -1,7 +1,7 @@
 // The ops `fastkd::kd_rows` and `fastkd::scale_rows_` on the torch side: argument checks and
 // outputs, shared by their CPU and CUDA implementations in ops.cpp.
 //
-// The op has the signature of the Triton row kernel (fastkd/triton/kd_kernels.py:kd_rows):
+// The op has the signature of the Triton row kernel (fastkd/triton/kd_kernels.py:row_kernel):
 // (N, V) student and teacher rows with unit stride along V, optional labels, an optional
 // gradient buffer (which may be the student itself: the kernels read an entry before they
 // write it), the reduction's factor as a 0-d tensor; it returns (kd_per_row, ce_per_row) in

@@ -3,7 +3,7 @@
 Every backend reads this table: the Python API validates names and parameters against it,
 the Triton and C++ kernels receive ``code`` and switch on it.  Adding a divergence means a
 row here, its formula in ``reference.py`` (the spec), and its pointwise terms in the kernels'
-one shared table (``triton/kd_kernels.py:_pointwise``, ``csrc/kd_math.h``): every place is
+one shared table (``triton/kd_math.py:pointwise``, ``csrc/kd_math.h``): every place is
 listed in docs/adding_a_divergence.md.
 """
 

@@ -2,10 +2,12 @@
 
 The CUDA row kernels are compiled for sm_90 with `ptxas -v` (the __launch_bounds__(512, 2) of
 kd_cuda.cu and kd_topk_cuda.cu caps them at 64 registers: two 512-thread blocks an SM); the
-Triton row kernel ahead of time for sm_90 (tests/triton_aot.py), with Triton's own ptxas log.
-Neither runs a kernel; a GPU is needed for timing (docs/performance.md).
+Triton row kernel ahead of time for sm_90 (tests/triton_aot.py), with Triton's own ptxas log: no
+spill, and at most 64 registers in every launch configuration. Neither runs a kernel; a GPU is
+needed for timing (docs/performance.md).
 """
 
+import json
 import os
 import re
 import shutil
@@ -94,43 +96,34 @@ def test_cuda_topk_kernels_fit_64_registers(tmp_path):
 # Run in a fresh interpreter without TRITON_INTERPRET (the suite's conftest may set it) and
 # with an empty cache, so that Triton runs ptxas and prints its -v log (TRITON_DUMP_PTXAS_LOG).
 # Triton 3.x fills CompiledKernel.n_regs / n_spills only when it loads the cubin on a GPU; the
-# metadata holds neither, so the log is read instead.
+# metadata holds neither, so the log is read instead. Every configuration of the launch
+# tables (fastkd/triton/launch.py), every divergence, the variant with the most live values
+# (CE, soft-cap and gradient on).
 TRITON_SCRIPT = r"""
 import contextlib, io, json, sys
-import triton
 import triton_aot
 from fastkd.divergences import DIVERGENCES
-from fastkd.triton import kd_kernels
+from fastkd.triton import launch
 
-captured = []
-_compile = triton.compile
-def compile_and_keep(*args, **kwargs):
-    compiled = _compile(*args, **kwargs)
-    captured.append(compiled)
-    return compiled
-triton.compile = compile_and_keep
-
-block = 4096
 for div in DIVERGENCES.values():
-    constexprs = dict(DIV=div.name, ONE_PASS_LOSS=div.one_pass_loss, HAS_LABELS=True,
-                      HAS_CE=True, SOFTCAP=True, COMPUTE_GRAD=True, BLOCK=block)
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        triton_aot.compile_kernel(kd_kernels.kd_row_kernel, triton_aot.ROW_KERNEL_ARGS,
-                                  constexprs, 90, kd_kernels._num_warps(block))
-    md = captured[-1].metadata
-    md = md._asdict() if hasattr(md, "_asdict") else dict(md)
-    print(json.dumps({"divergence": div.name, "log": log.getvalue(),
-                      "n_regs": md.get("n_regs"), "n_spills": md.get("n_spills")}))
+    for kernel, block, num_warps, _ in launch.every_launch():
+        for name, fn, constexprs in triton_aot.launch_kernels(kernel, div, True, block):
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log):
+                triton_aot.compile_kernel(fn, constexprs, 90, num_warps)
+            print(json.dumps({"divergence": div.name, "kernel": name, "block": block,
+                              "num_warps": num_warps, "log": log.getvalue()}))
 """
 
 
-# Found by this test on its first run (Triton 3.8, sm_90, the full variant, BLOCK 4096): the
-# Triton row kernel spills (spill stores: jsd 16 B, skew_forward_kl 8, skew_reverse_kl 8,
-# tvd 4). fastkd/triton/kd_kernels.py is to be fixed; strict, so that the fix turns this into
-# a failure that says to remove the mark.
-@pytest.mark.xfail(strict=True, reason="Triton kd_row_kernel spills on sm_90 (jsd, skew KLs, tvd)")
+# Registers a thread may hold so that 32 warps (1024 threads) share an SM's 64K: a program
+# of the row kernel waits on its block-wide reductions, and the others keep the loads going.
+TRITON_MAX_REGISTERS = 64
+
+
 def test_triton_row_kernel_does_not_spill(tmp_path):
+    """Found on this test's first run (Triton 3.8, sm_90, BLOCK 4096 over 16 warps, 64
+    registers): spill stores in jsd (16 B), the skew KLs (8 B) and TVD (4 B)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), env.get("PYTHONPATH", "")])
@@ -141,21 +134,20 @@ def test_triton_row_kernel_does_not_spill(tmp_path):
         timeout=600, cwd=str(HERE),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    import json
-
     import fastkd
 
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert {r["divergence"] for r in results} == set(fastkd.DIVERGENCES)
+    over = []
     for r in results:
-        if r["n_spills"] is not None:  # a Triton that reports it in the metadata
-            assert r["n_spills"] == 0, r
-            continue
         kernels = parse_ptxas(r["log"])
         assert kernels, f"no ptxas -v log from Triton for {r['divergence']}: {r['log'][-2000:]}"
-        for name, (regs, spill_st, spill_ld) in kernels.items():
+        for regs, spill_st, spill_ld in kernels.values():
             print(
-                f"triton sm_90 {r['divergence']}: {regs} registers, spills {spill_st}/{spill_ld} B"
+                f"triton sm_90 {r['kernel']} {r['divergence']} BLOCK {r['block']} x "
+                f"{r['num_warps']} warps: "
+                f"{regs} registers, spills {spill_st}/{spill_ld} B"
             )
-    spilled = [(r["divergence"], parse_ptxas(r["log"])) for r in results]
-    assert all(st == 0 for _, k in spilled for (_, st, _) in k.values()), spilled
+            if spill_st or regs > TRITON_MAX_REGISTERS:
+                over.append((r["kernel"], r["divergence"], r["block"], r["num_warps"], regs))
+    assert not over, over

@@ -81,7 +81,7 @@ def _inv_t(temperature):
     return float(torch.tensor(1.0 / temperature, dtype=torch.float32))
 
 
-# _tanh's error: softcap * (1 - 2 / (e^2y + 1)) is a few roundings of numbers near 1, so a
+# tanh's error: softcap * (1 - 2 / (e^2y + 1)) is a few roundings of numbers near 1, so a
 # few eps32 of softcap in absolute terms, however small x is.
 CAP_ROUNDINGS = 4
 
@@ -467,8 +467,8 @@ for s in ("*bf16", "*fp32"):
         for name, args, constexprs in variants:
             log = io.StringIO()
             with contextlib.redirect_stdout(log):
-                size = triton_aot.compile_kernel(getattr(tk, name), args, constexprs, 90,
-                                                 tk._num_warps(block))
+                size = triton_aot.compile_kernel(getattr(tk, name), constexprs, 90,
+                                                 tk._num_warps(block), arg_types=args)
             print(json.dumps({"kernel": name, "dtype": s, "full": full, "cubin_bytes": size,
                               "log": log.getvalue()}))
 """

@@ -9,7 +9,8 @@ dL/ds_j = scale * (kd_coef/T * q_j (g_j - S) + ce_weight (softmax(s)_j - [j == y
 Nothing of size N x V is allocated here: the caller hands in the gradient buffer (which may
 be the student logits themselves, since the last pass reads a block before writing it).
 
-Every sum, exp and log is float32; row offsets are int64.
+Every sum, exp and log is float32; row offsets are int64. Rows short enough to hold on chip
+take kd_onchip.py's one-read kernel instead (launch.py chooses; row_kernel below launches).
 """
 
 from __future__ import annotations
@@ -23,160 +24,20 @@ import triton.language as tl
 
 from .._rows import RowArgs, RowLosses
 from ..divergences import DIVERGENCES
-
-NAN = tl.constexpr(float("nan"))
-
-NEG_INF = tl.constexpr(float("-inf"))
-
-
-@triton.jit
-def _safe_shift(m):
-    # Running maxima start at -inf; exp(x - (-inf)) would be NaN, exp(x - 0) with x = -inf is 0.
-    return tl.where(m == NEG_INF, 0.0, m)
-
-
-@triton.jit
-def _xlogratio(w, log_w, log_v):
-    # w * (log_w - log_v) with 0 log 0 = 0 (masked -inf entries give 0, never NaN).
-    return tl.where(w > 0.0, w * (log_w - log_v), 0.0)
-
-
-@triton.jit
-def _tanh(x):
-    # libdevice.tanh is not available under TRITON_INTERPRET; this form saturates to +-1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
-
-
-@triton.jit
-def _log1p_small(x):
-    # log(1 + x) for 0 <= x <= 1, accurate near 0 (Goldberg's trick; no log1p in the
-    # interpreter).
-    u = 1.0 + x
-    return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
-
-
-@triton.jit
-def _mixture(u):
-    """softplus(u), softplus(-u), sigmoid(u), sigmoid(-u) from one exp and one log1p:
-    csrc/kd_math.h's mixture. u is the log of the ratio of a mixture's two weighted
-    probabilities; log(m / p) and log(m / q) are written with these, never as
-    log(w p + (1 - w) q): both probabilities underflow for far-off logits, and log p - log m
-    cancels in float32 where they are close (w near 1 or 0)."""
-    e = tl.exp(-tl.abs(u))  # in (0, 1]: no overflow for any u
-    log1p_e = _log1p_small(e)
-    r = 1.0 / (1.0 + e)
-    positive = u > 0.0
-    softplus_pos = tl.maximum(u, 0.0) + log1p_e
-    softplus_neg = tl.maximum(-u, 0.0) + log1p_e
-    return softplus_pos, softplus_neg, tl.where(positive, r, e * r), tl.where(positive, e * r, r)
-
-
-@triton.jit
-def _pointwise(DIV: tl.constexpr, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw):
-    """The design.md §1 table for one vocabulary entry: (loss term, q_k * h_k).
-
-    h_k is g_k = dD/dq_k, less a constant where that helps: the gradient
-    q_j (h_j - sum_k q_k h_k) is unchanged by it, and a g that tends to a non-zero constant
-    where the student's mass meets none of the teacher's (p << q) would cancel there in
-    float32. Each row writes g in the form that tends to 0 in that regime. TVD's gradient is
-    assembled in the kernel from q_above / q_below sums instead (see kd_row_kernel).
-    a_minus_b = (a - max a) - (b - max b), the log-ratio less a constant, relative to the
-    row's maxima so that no offset of the logits is carried into it.
-    w is beta (jsd) or alpha (skew KLs), with one_minus_w = 1 - w, log_w = log(w) and
-    log_1mw = log(1 - w) formed on the host in double precision.
-    """
-    p = tl.exp(log_p)
-    q = tl.exp(log_q)
-    if DIV == "forward_kl":
-        loss = _xlogratio(p, log_p, log_q)
-        qh = -p  # g = -p/q
-    elif DIV == "soft_ce":
-        loss = tl.where(p > 0.0, -p * log_q, 0.0)
-        qh = -p  # g = -p/q
-    elif DIV == "reverse_kl":
-        loss = _xlogratio(q, log_q, log_p)
-        qh = tl.where(q > 0.0, q * a_minus_b, 0.0)  # g = log q - log p + 1
-    elif DIV == "jsd":
-        # m = w p + (1-w) q, u = log(w p / ((1-w) q)): log(m/p) = log w + softplus(-u),
-        # log(m/q) = log(1-w) + softplus(u).
-        sp_pos, sp_neg, _, _ = _mixture(log_w - log_1mw + log_p - log_q)
-        p_term = tl.where(p > 0.0, p * (log_w + sp_neg), 0.0)
-        q_term = tl.where(q > 0.0, q * (log_1mw + sp_pos), 0.0)
-        loss = -w * p_term - one_minus_w * q_term
-        # g = (1-w) log(q/m) = (1-w) (-log(1-w) - softplus(u))
-        qh = tl.where(q > 0.0, -one_minus_w * q * sp_pos, 0.0)
-    elif DIV == "skew_forward_kl":
-        # m = w p + (1-w) q as for jsd; g = -(1-w) p/m, and (1-w) q/m = sigmoid(-u).
-        _, sp_neg, _, sig_neg = _mixture(log_w - log_1mw + log_p - log_q)
-        loss = tl.where(p > 0.0, -p * (log_w + sp_neg), 0.0)
-        qh = tl.where(p > 0.0, -p * sig_neg, 0.0)
-    elif DIV == "skew_reverse_kl":
-        # m = w q + (1-w) p, u = log((1-w) p / (w q)): log(m/q) = log w + softplus(u);
-        # g = log(q/m) + 1 - w q/m = -log(w) - softplus(u) + sigmoid(u)
-        sp_pos, _, sig_pos, _ = _mixture(log_1mw - log_w + log_p - log_q)
-        loss = tl.where(q > 0.0, -q * (log_w + sp_pos), 0.0)
-        qh = tl.where(q > 0.0, q * (sig_pos - sp_pos), 0.0)
-    elif DIV == "hellinger":
-        # D = 1/2 sum (sqrt p - sqrt q)^2, g = (1 - sqrt(p/q)) / 2, h = g - 1/2. The roots
-        # are exp(log / 2): 0 for masked entries (exp(-inf)), so no guard is needed. The
-        # square of the difference, not (p + q)/2 - sqrt(p q), whose terms cancel where p
-        # and q are close.
-        sqrt_p = tl.exp(0.5 * log_p)
-        sqrt_q = tl.exp(0.5 * log_q)
-        loss = 0.5 * (sqrt_p - sqrt_q) * (sqrt_p - sqrt_q)
-        qh = -0.5 * sqrt_p * sqrt_q  # q h = -sqrt(p q) / 2
-    else:
-        tl.static_assert(DIV == "tvd", "a divergence of the table without a branch here")
-        # g = sign(q - p) / 2; qh = q where q > p, and -q where q < p
-        loss = 0.5 * tl.abs(p - q)
-        qh = tl.where(q > p, q, tl.where(q < p, -q, 0.0))
-    return loss, qh
-
-
-@triton.jit
-def _rebase(cross, rescale, z_old, moved):
-    """A carried sum of e * (a value relative to the running maxima), after the maxima moved:
-    each value shifts by ``moved`` and each weight by ``rescale``. Nothing is carried while
-    z_old is 0 (its maxima may still be -inf)."""
-    return tl.where(z_old > 0.0, (cross + moved * z_old) * rescale, 0.0)
-
-
-@triton.jit
-def _load_row_block(ptr, cols, n_cols, inv_t, softcap, SOFTCAP: tl.constexpr):
-    """Loads a block, soft-caps it, and returns (capped logits, logits / T); -inf past n_cols."""
-    mask = cols < n_cols
-    x = tl.load(ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    if SOFTCAP:
-        x = softcap * _tanh(x / softcap)
-    x = tl.where(mask, x, NEG_INF)
-    return x, x * inv_t
-
-
-@triton.jit
-def _block_terms(
-    DIV: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, s_row, t_row, start, n_cols,
-    inv_t, softcap, m_a, m_b, log_z_a, log_z_b, w, one_minus_w, log_w, log_1mw,
-):  # fmt: skip
-    """The block of a row from ``start``, once the row's log-sum-exps are known: (columns,
-    soft-capped s, log q, and the table's loss and q h terms)."""
-    cols = start + tl.arange(0, BLOCK)
-    s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-    _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-    log_q = (a - m_a) - log_z_a
-    log_p = (b - m_b) - log_z_b
-    a_minus_b = (a - m_a) - (b - m_b)
-    loss, qh = _pointwise(DIV, log_p, log_q, a_minus_b, w, one_minus_w, log_w, log_1mw)
-    return cols, s, log_q, loss, qh
-
-
-@triton.jit
-def _online_lse_step(m, z, x):
-    """Folds a block into a running (max, sum of exp(x - max)); returns it and exp(x - max)."""
-    m_new = tl.maximum(m, tl.max(x, axis=0))
-    shift = _safe_shift(m_new)
-    e = tl.exp(x - shift)
-    z = z * tl.exp(m - shift) + tl.sum(e, axis=0)
-    return m_new, z, e, tl.exp(m - shift)
+from . import kd_split
+from . import launch as launch_table
+from .kd_math import (
+    block_terms,
+    grad_terms,
+    load_row_block,
+    one_pass_loss,
+    row_constants,
+    safe_shift,
+    stats_step,
+    tanh,
+    tvd_split,
+)
+from .kd_onchip import kd_row_onchip_kernel
 
 
 @triton.jit
@@ -236,65 +97,31 @@ def kd_row_kernel(
         label_safe = tl.minimum(tl.maximum(label, 0), V - 1)
         s_label = tl.load(s_row + label_safe).to(tl.float32)
         if SOFTCAP:
-            s_label = softcap * _tanh(s_label / softcap)
+            s_label = softcap * tanh(s_label / softcap)
 
     # Pass 1: log-sum-exps, and the cross term for the one-pass divergences.
-    m_a = float("-inf")
-    z_a = 0.0
-    m_b = float("-inf")
-    z_b = 0.0
     m_s = float("-inf")
-    z_s = 0.0
-    cross = 0.0
+    m_b = float("-inf")
+    z_a = tl.zeros([BLOCK], dtype=tl.float32)
+    z_b = tl.zeros([BLOCK], dtype=tl.float32)
+    z_s = tl.zeros([BLOCK], dtype=tl.float32)
+    cross = tl.zeros([BLOCK], dtype=tl.float32)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
-        s, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-        _, b = _load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-        m_a_old, m_b_old, z_a_old, z_b_old = m_a, m_b, z_a, z_b
-        m_a, z_a, e_a, rescale_a = _online_lse_step(m_a, z_a, a)
-        m_b, z_b, e_b, rescale_b = _online_lse_step(m_b, z_b, b)
-        if HAS_CE:
-            m_s, z_s, _, _ = _online_lse_step(m_s, z_s, s)
-        # The cross terms are carried relative to the running maxima (a - m_a, b - m_b), so
-        # that an offset shared by the logits is never summed and then cancelled.
-        moved_a = m_a - m_a_old
-        moved_b = m_b - m_b_old
-        a_rel = a - _safe_shift(m_a)
-        b_rel = b - _safe_shift(m_b)
-        if DIV == "forward_kl":  # sum e_b ((b - m_b) - (a - m_a))
-            cross = _rebase(cross, rescale_b, z_b_old, moved_a - moved_b) + tl.sum(
-                tl.where(e_b > 0.0, e_b * (b_rel - a_rel), 0.0), axis=0
-            )
-        elif DIV == "soft_ce":  # -sum e_b (a - m_a)
-            cross = _rebase(cross, rescale_b, z_b_old, moved_a) - tl.sum(
-                tl.where(e_b > 0.0, e_b * a_rel, 0.0), axis=0
-            )
-        elif DIV == "reverse_kl":  # sum e_a ((a - m_a) - (b - m_b))
-            cross = _rebase(cross, rescale_a, z_a_old, moved_b - moved_a) + tl.sum(
-                tl.where(e_a > 0.0, e_a * (a_rel - b_rel), 0.0), axis=0
-            )
-    # log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
-    # would round it to the ulp of the logits' magnitude.
-    m_a = _safe_shift(m_a)
-    m_b = _safe_shift(m_b)
-    log_z_a = tl.log(z_a)
-    log_z_b = tl.log(z_b)
-    # NaN when a row has no distribution (a NaN or +inf logit, or all -inf: z is then NaN or
-    # 0), added to the divergence and the gradient's coefficient: csrc/kd_math.h's
-    # nan_unless_distributions.
-    no_distribution = tl.where((z_a > 0.0) & (z_b > 0.0), 0.0, NAN)
+        s, a = load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+        _, b = load_row_block(t_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+        m_s, m_b, z_a, z_b, z_s, cross = stats_step(
+            DIV, HAS_CE, s, a, b, inv_t, m_s, m_b, z_a, z_b, z_s, cross
+        )
+    z_a = tl.sum(z_a, axis=0)
+    z_b = tl.sum(z_b, axis=0)
+    m_a, m_b, log_z_a, log_z_b, no_distribution = row_constants(m_s, m_b, z_a, z_b, inv_t)
 
     # The loss, and S = sum_k q_k g_k for the gradient.
+    q_above = 0.0
+    q_below = 0.0
     if ONE_PASS_LOSS:
-        if DIV == "forward_kl":
-            kd = cross / z_b + (log_z_a - log_z_b)
-            qh_sum = -1.0
-        elif DIV == "soft_ce":
-            kd = cross / z_b + log_z_a
-            qh_sum = -1.0
-        else:  # reverse_kl
-            qh_sum = cross / z_a  # sum_k q_k ((a_k - m_a) - (b_k - m_b)), the h of _pointwise
-            kd = qh_sum + (log_z_b - log_z_a)
+        kd, qh_sum = one_pass_loss(DIV, tl.sum(cross, axis=0), z_a, z_b, log_z_a, log_z_b)
     else:
         kd_acc = tl.zeros([BLOCK], dtype=tl.float32)
         qh_acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -302,23 +129,25 @@ def kd_row_kernel(
         q_above_acc = tl.zeros([BLOCK], dtype=tl.float32)
         q_below_acc = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, n_cols, BLOCK):
-            _, _, _, loss_terms, qh_terms = _block_terms(
+            _, _, _, loss_terms, qh_terms = block_terms(
                 DIV, SOFTCAP, BLOCK, s_row, t_row, start, n_cols, inv_t, softcap, m_a, m_b,
                 log_z_a, log_z_b, w, one_minus_w, log_w, log_1mw,
             )  # fmt: skip
             kd_acc += loss_terms
             qh_acc += qh_terms
             if DIV == "tvd":
-                q_above_acc += tl.maximum(qh_terms, 0.0)
-                q_below_acc += tl.maximum(-qh_terms, 0.0)
+                above, below = tvd_split(qh_terms)
+                q_above_acc += above
+                q_below_acc += below
         kd = tl.sum(kd_acc, axis=0)
         qh_sum = tl.sum(qh_acc, axis=0)
         q_above = tl.sum(q_above_acc, axis=0)
         q_below = tl.sum(q_below_acc, axis=0)
 
+    m_s = safe_shift(m_s)
+    log_z_s = 0.0
     if HAS_CE:
-        m_s = _safe_shift(m_s)
-        log_z_s = tl.log(z_s)
+        log_z_s = tl.log(tl.sum(z_s, axis=0))
         ce = (m_s - s_label) + log_z_s
         tl.store(ce_per_row_ptr + row, tl.where(ignored, 0.0, ce))
     tl.store(kd_per_row_ptr + row, tl.where(ignored, 0.0, kd + no_distribution))
@@ -328,23 +157,14 @@ def kd_row_kernel(
         reduction_factor = tl.load(reduction_factor_ptr).to(tl.float32)
         g_row = grad_ptr + row * grad_row_stride
         for start in range(0, V, BLOCK):
-            cols, s, log_q, _, qh = _block_terms(
+            cols, s, log_q, _, qh = block_terms(
                 DIV, SOFTCAP, BLOCK, s_row, t_row, start, n_cols, inv_t, softcap, m_a, m_b,
                 log_z_a, log_z_b, w, one_minus_w, log_w, log_1mw,
             )  # fmt: skip
-            q = tl.exp(log_q)
-            if DIV == "tvd":
-                # q_j (g_j - S) = q_j * (sum of q where q < p) where q_j > p_j, and
-                # -q_j * (sum of q where q > p) where q_j < p_j: no 1/2 - S cancellation.
-                d_a = tl.where(qh > 0.0, q * q_below, tl.where(qh < 0.0, -q * q_above, 0.0))
-            else:
-                d_a = qh - q * qh_sum
-            g = (kd_grad_coef + no_distribution) * d_a
-            if HAS_CE:
-                softmax_s = tl.exp((s - m_s) - log_z_s)
-                g += ce_weight * (softmax_s - tl.where(cols == label, 1.0, 0.0))
-            if SOFTCAP:
-                g *= 1.0 - (s / softcap) * (s / softcap)
+            g = grad_terms(
+                DIV, HAS_CE, SOFTCAP, cols, s, log_q, qh, qh_sum, q_above, q_below,
+                kd_grad_coef + no_distribution, label, m_s, log_z_s, ce_weight, softcap,
+            )  # fmt: skip
             g = tl.where(ignored, 0.0, g * reduction_factor)
             tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=cols < V)
 
@@ -370,12 +190,10 @@ def scale_rows_kernel(
             tl.store(g_row + cols, (g * factor).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _block_size(V: int) -> int:
-    return min(triton.next_power_of_2(max(V, 16)), 4096)
-
-
-def _num_warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 2048 else 16
+# scale_rows_kernel holds one value an entry: 8 a thread at 16 warps (16-byte loads of
+# 16-bit data).
+SCALE_BLOCK = 4096
+SCALE_WARPS = 16
 
 
 def _launch_device(x: torch.Tensor):
@@ -384,7 +202,9 @@ def _launch_device(x: torch.Tensor):
 
 
 def row_kernel(rows: RowArgs) -> RowLosses:
-    """The fastkd._rows interface: one program per row of (N, V) row-major views."""
+    """The fastkd._rows interface over (N, V) row-major views: kd_row_kernel one program a
+    row, or for short rows kd_onchip.kd_row_onchip_kernel, or for few rows the kd_split.py
+    kernels over several programs a row (fastkd/triton/launch.py chooses)."""
     config = rows.config
     student, labels, grad = rows.student, rows.labels, rows.grad
     n_rows, V = student.shape
@@ -395,42 +215,86 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     if n_rows == 0:
         return RowLosses(kd_per_row, ce_per_row)
     div = DIVERGENCES[config.divergence]
-    block = _block_size(V)
+    launch = launch_table.row_launch(V, div.name, n_rows, launch_table.sm_count(student.device))
     w = config.mix_weight
+    # The mixture weight's complements and logs in double here: 1 - float32(w) loses
+    # 1 - w's digits as w nears 1, and so do the logs of float32 w and 1 - w.
+    mix = dict(w=w, one_minus_w=1.0 - w, log_w=math.log(w), log_1mw=math.log1p(-w))
+    inputs = dict(
+        s_ptr=student,
+        s_row_stride=student.stride(0),
+        t_ptr=rows.teacher,
+        t_row_stride=rows.teacher.stride(0),
+        labels_ptr=labels if labels is not None else kd_per_row,
+    )
+    outputs = dict(
+        grad_ptr=grad if grad is not None else student,
+        grad_row_stride=grad.stride(0) if grad is not None else 0,
+        kd_per_row_ptr=kd_per_row,
+        ce_per_row_ptr=ce_per_row,
+        reduction_factor_ptr=rows.reduction_factor,
+    )
+    scalars = dict(
+        V=V,
+        inv_t=1.0 / config.temperature,
+        softcap=config.softcap if config.softcap is not None else 1.0,
+        **mix,
+        kd_grad_coef=config.kd_grad_coef,
+        ce_weight=config.ce_weight,
+        ignore_index=config.ignore_index,
+    )
+    flags = dict(
+        DIV=div.name,
+        ONE_PASS_LOSS=div.one_pass_loss,
+        HAS_LABELS=labels is not None,
+        HAS_CE=labels is not None and config.has_ce,
+        SOFTCAP=config.softcap is not None,
+        COMPUTE_GRAD=grad is not None,
+        BLOCK=launch.block,
+    )
     with _launch_device(student):
-        kd_row_kernel[(n_rows,)](
-            student,
-            student.stride(0),
-            rows.teacher,
-            rows.teacher.stride(0),
-            labels if labels is not None else kd_per_row,
-            grad if grad is not None else student,
-            grad.stride(0) if grad is not None else 0,
-            kd_per_row,
-            ce_per_row,
-            rows.reduction_factor,
-            V,
-            1.0 / config.temperature,
-            config.softcap if config.softcap is not None else 1.0,
-            w,
-            # In double here: 1 - float32(w) loses 1 - w's digits as w nears 1, and so do
-            # the logs of float32 w and 1 - w.
-            1.0 - w,
-            math.log(w),
-            math.log1p(-w),
-            config.kd_grad_coef,
-            config.ce_weight,
-            config.ignore_index,
-            DIV=div.name,
-            ONE_PASS_LOSS=div.one_pass_loss,
-            HAS_LABELS=labels is not None,
-            HAS_CE=labels is not None and config.has_ce,
-            SOFTCAP=config.softcap is not None,
-            COMPUTE_GRAD=grad is not None,
-            BLOCK=block,
-            num_warps=_num_warps(block),
-        )
+        if launch.kernel == launch_table.SPLIT:
+            _launch_split(launch, n_rows, inputs, outputs, scalars, flags)
+        else:
+            kernel = (
+                kd_row_kernel
+                if launch.kernel == launch_table.MULTI_PASS
+                else (kd_row_onchip_kernel)
+            )
+            kernel[(n_rows,)](**inputs, **outputs, **scalars, **flags,
+                              num_warps=launch.num_warps)  # fmt: skip
     return RowLosses(kd_per_row, ce_per_row)
+
+
+def _launch_split(launch, n_rows, inputs, outputs, scalars, flags) -> None:
+    """kd_split.py's launches: stats, the 3-pass divergences' terms, then the loss and the
+    gradient, over chunks of whole blocks."""
+    V, block = scalars["V"], launch.block
+    chunk = triton.cdiv(triton.cdiv(V, launch.chunks), block) * block
+    K = triton.cdiv(V, chunk)
+    device = inputs["s_ptr"].device
+    stats = torch.empty((n_rows, K, kd_split.STATS), dtype=torch.float32, device=device)
+    terms = torch.empty((n_rows, K, kd_split.TERMS), dtype=torch.float32, device=device)
+    row = dict(V=V, chunk=chunk, inv_t=scalars["inv_t"], softcap=scalars["softcap"])
+    mix = {k: scalars[k] for k in ("w", "one_minus_w", "log_w", "log_1mw")}
+    common = dict(DIV=flags["DIV"], HAS_LABELS=flags["HAS_LABELS"], SOFTCAP=flags["SOFTCAP"],
+                  BLOCK=block, num_warps=launch.num_warps)  # fmt: skip
+    KP = triton.next_power_of_2(K)
+    kd_split.kd_split_stats_kernel[(n_rows, K)](
+        **inputs, stats_ptr=stats, **row, ignore_index=scalars["ignore_index"],
+        HAS_CE=flags["HAS_CE"], **common,
+    )  # fmt: skip
+    if not flags["ONE_PASS_LOSS"]:
+        kd_split.kd_split_terms_kernel[(n_rows, K)](
+            **inputs, stats_ptr=stats, terms_ptr=terms, **row, **mix,
+            ignore_index=scalars["ignore_index"], KP=KP, **common,
+        )  # fmt: skip
+    kd_split.kd_split_finish_kernel[(n_rows, K if flags["COMPUTE_GRAD"] else 1)](
+        **inputs, **outputs, stats_ptr=stats, terms_ptr=terms, K=K, **row, **mix,
+        kd_grad_coef=scalars["kd_grad_coef"], ce_weight=scalars["ce_weight"],
+        ignore_index=scalars["ignore_index"], ONE_PASS_LOSS=flags["ONE_PASS_LOSS"],
+        HAS_CE=flags["HAS_CE"], COMPUTE_GRAD=flags["COMPUTE_GRAD"], KP=KP, **common,
+    )  # fmt: skip
 
 
 def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
@@ -439,7 +303,7 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
     if n_rows == 0:
         return
     grad_output = grad_output.to(device=grad.device)
-    block = _block_size(V)
+    block = min(triton.next_power_of_2(max(V, 16)), SCALE_BLOCK)
     with _launch_device(grad):
         scale_rows_kernel[(n_rows,)](
             grad,
@@ -448,5 +312,5 @@ def scale_rows_(grad: torch.Tensor, grad_output: torch.Tensor) -> None:
             0 if grad_output.dim() == 0 else grad_output.stride(0),
             V,
             BLOCK=block,
-            num_warps=_num_warps(block),
+            num_warps=min(SCALE_WARPS, max(4, block // 256)),
         )

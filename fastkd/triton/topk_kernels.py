@@ -18,15 +18,18 @@ import torch
 import triton
 import triton.language as tl
 
-from .kd_kernels import (
-    _block_size,
-    _launch_device,
-    _load_row_block,
-    _num_warps,
-    _online_lse_step,
-    _safe_shift,
-    _tanh,
-)
+from .kd_kernels import _launch_device
+from .kd_math import load_row_block, online_lse_step, safe_shift, tanh
+
+
+# The top-k kernels' own launch (AOT sm_90: 57 / 40 registers, no spill at 4096 x 16 warps);
+# the dense kernel's table (launch.py) is sized for its vector accumulators, which these lack.
+def _block_size(V: int) -> int:
+    return min(triton.next_power_of_2(max(V, 16)), 4096)
+
+
+def _num_warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 2048 else 16
 
 
 @triton.jit
@@ -89,8 +92,8 @@ def topk_row_stats_kernel(
     z_s = 0.0
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
-        x, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
-        m_a, z_a, e_a, rescale_a = _online_lse_step(m_a, z_a, a)
+        x, a = load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+        m_a, z_a, e_a, rescale_a = online_lse_step(m_a, z_a, a)
         if TAIL:
             # The tail's sum shares z_a's running max and its exps: one exp per entry.
             ranges = block_ranges_ptr + row * block_ranges_row_stride + start // BLOCK
@@ -103,7 +106,7 @@ def topk_row_stats_kernel(
             )
             z_out = z_out * rescale_a + tl.sum(tl.where(outside, e_a, 0.0), axis=0)
         if CE:
-            m_s, z_s, _, _ = _online_lse_step(m_s, z_s, x)
+            m_s, z_s, _, _ = online_lse_step(m_s, z_s, x)
 
     # log q = (a - m_a) - log z_a, as torch's log_softmax: folding m + log z into one lse
     # would round it to the ulp of the logits' magnitude.
@@ -113,10 +116,10 @@ def topk_row_stats_kernel(
     m_s_out = 0.0
     log_z_s = 0.0
     if CE:
-        m_s_out = _safe_shift(m_s)
+        m_s_out = safe_shift(m_s)
         log_z_s = tl.log(z_s)
     out = stats_ptr + row * 5
-    tl.store(out, tl.where(ignored, 0.0, _safe_shift(m_a)))
+    tl.store(out, tl.where(ignored, 0.0, safe_shift(m_a)))
     tl.store(out + 1, tl.where(ignored, 0.0, tl.log(z_a)))
     tl.store(out + 2, tl.where(ignored, 0.0, log_z_out))
     tl.store(out + 3, tl.where(ignored, 0.0, m_s_out))
@@ -190,7 +193,7 @@ def topk_grad_rows_kernel(
     # The dense pass reads a block before writing it, so grad_ptr may alias s_ptr.
     for start in range(0, V, BLOCK):
         cols = start + offs
-        x, a = _load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
+        x, a = load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
         g = tl.zeros([BLOCK], dtype=tl.float32)
         if c_q != 0.0:  # exactly 0: skipped, even where q is NaN (a row without a softmax)
             g += c_q * tl.exp((a - m_a) - log_z_a)
@@ -214,7 +217,7 @@ def topk_grad_rows_kernel(
         live = ids >= 0
         x = tl.load(s_at_ids_ptr + row * K + k, mask=live, other=0.0).to(tl.float32)
         if SOFTCAP:
-            x = softcap * _tanh(x / softcap)
+            x = softcap * tanh(x / softcap)
         g = tl.load(pair_grads_ptr + row * K + k, mask=live, other=0.0)
         g = _plus_ce_term(g, x, ids, label, c_ce, m_s, log_z_s, HAS_LABELS)
         g = _times_cap_grad(g, x, softcap, SOFTCAP)
