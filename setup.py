@@ -1,4 +1,5 @@
-"""Builds fastkd's compiled ops (metadata lives in pyproject.toml).
+"""Builds fastkd (metadata lives in pyproject.toml): its compiled ops ahead of time when torch
+can be imported here, else a pure-Python package that compiles them on first use.
 
 Extensions, all optional at run time (fastkd falls back to Triton and the reference):
   fastkd._C             the ops (csrc/ops.cpp: schemas, CPU and CUDA implementations,
@@ -11,6 +12,13 @@ Extensions, all optional at run time (fastkd falls back to Triton and the refere
                         x86-64, the compiler's baseline elsewhere. at::vec fixes its vector
                         width at compile time; fastkd hands the best one the CPU runs to
                         fastkd._C.
+The source lists and flags live in fastkd/_build_spec.py, shared with the JIT build
+(fastkd/_jit.py). Every build puts the C++/CUDA sources in the package (fastkd/csrc/), and an
+ahead-of-time build records the torch it was built against (fastkd/_aot_build.json).
+
+Without torch importable (pip's default build isolation installs only setuptools and wheel
+into the build's environment) this builds no extension: the package compiles its ops with
+torch.utils.cpp_extension.load on first use instead, and says so, here and then.
 
 Environment: TORCH_CUDA_ARCH_LIST (default "8.0;9.0+PTX": sm_80, sm_90 and PTX for newer
 GPUs), MAX_JOBS (parallel compile jobs), FASTKD_FORCE_CUDA=1 (build the CUDA kernels even if
@@ -24,117 +32,54 @@ Build with ``pip install --no-build-isolation -e .`` (torch must be importable h
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
-import platform
-import re
 import shutil
-import subprocess
 import sys
+from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 CSRC = "csrc"
-DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"
+HERE = Path(__file__).resolve().parent
 
 
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+def _load_build_spec():
+    """fastkd/_build_spec.py by path: importing the fastkd package would import torch."""
+    path = HERE / "fastkd" / "_build_spec.py"
+    spec = importlib.util.spec_from_file_location("fastkd_build_spec", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _find_cuda_home(nvcc: str) -> str | None:
-    """The CUDA toolkit of ``nvcc``, also when nvcc on PATH is a wrapper script or a link.
-
-    torch guesses dirname(dirname(nvcc)), which is /usr/local for /usr/local/bin/nvcc; nvcc
-    itself knows its install root (the TOP of its dry run).
-    """
-    try:
-        dry = subprocess.run(
-            [nvcc, "--dryrun", "-E", "-x", "cu", os.devnull],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        match = re.search(r"^#\$ TOP=(.+)$", dry.stdout + dry.stderr, re.MULTILINE)
-        if match:
-            return os.path.realpath(match.group(1).strip())  # <root>/bin/..
-    except (OSError, subprocess.SubprocessError):
-        pass
-    home = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-    return home if os.path.isdir(os.path.join(home, "include")) else None
-
-
-# torch's own guess when nvcc is neither on PATH nor under $CUDA_HOME/$CUDA_PATH
-# (torch.utils.cpp_extension._find_cuda_home): CUDA images put the toolkit there and often
-# leave its bin/ off PATH. Not read from cpp_extension itself: importing it fixes its
-# CUDA_HOME, which must wait until the toolkit is known.
-TORCH_DEFAULT_CUDA_HOME = "/usr/local/cuda"
-
-
-def _find_nvcc() -> tuple[str | None, list[str]]:
-    """(nvcc, the places looked in): PATH, then $CUDA_HOME/bin, $CUDA_PATH/bin, then torch's
-    default CUDA home."""
-    looked = ["PATH"]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        return nvcc, looked
-    homes = [(f"${var}", os.environ.get(var)) for var in ("CUDA_HOME", "CUDA_PATH")]
-    homes.append(("torch's default CUDA home", TORCH_DEFAULT_CUDA_HOME))
-    for label, home in homes:
-        if not home:
-            continue
-        candidate = os.path.join(home, "bin", "nvcc")
-        looked.append(f"{label} ({candidate})")
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate, looked
-    return None, looked
+SPEC = _load_build_spec()
 
 
 def _cuda_decision(torch) -> tuple[bool, str]:
     """(build the CUDA kernels?, why), before torch.utils.cpp_extension is imported."""
-    if _env_flag("FASTKD_NO_CUDA"):
+    if SPEC.env_flag("FASTKD_NO_CUDA"):
         return False, "FASTKD_NO_CUDA=1"
-    nvcc, looked = _find_nvcc()
+    nvcc, why_not = SPEC.locate_cuda_toolkit()
     if nvcc is None:
-        return False, (
-            f"nvcc was not found (looked on {', '.join(looked)}): put it on PATH or set CUDA_HOME"
-        )
-    if not (os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")):
-        home = _find_cuda_home(nvcc)
-        if home:
-            os.environ["CUDA_HOME"] = home
-    if torch.version.cuda is None and not _env_flag("FASTKD_FORCE_CUDA"):
+        return False, why_not
+    if torch.version.cuda is None and not SPEC.env_flag("FASTKD_FORCE_CUDA"):
         return False, (
             f"torch {torch.__version__} is not a CUDA build (FASTKD_FORCE_CUDA=1 overrides)"
         )
-    reason = "FASTKD_FORCE_CUDA=1" if _env_flag("FASTKD_FORCE_CUDA") else "nvcc found"
+    reason = "FASTKD_FORCE_CUDA=1" if SPEC.env_flag("FASTKD_FORCE_CUDA") else "nvcc found"
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     return True, f"{reason}, torch CUDA {torch.version.cuda}, nvcc {nvcc}, CUDA_HOME {home}"
 
 
-def _cpu_isas() -> list[tuple[str, str, list[str]]]:
-    """(isa name, at::vec CPU_CAPABILITY, compiler flags) of the CPU kernel builds."""
-    machine = platform.machine().lower()
-    if machine in ("x86_64", "amd64") and sys.platform != "win32":
-        avx2 = ["-mavx2", "-mfma", "-mf16c"]
-        avx512 = avx2 + ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"]
-        return [("avx512", "AVX512", avx512), ("avx2", "AVX2", avx2)]
-    return [("default", "DEFAULT", [])]
-
-
-def _arch_tag(arch_list: str) -> str:
-    """ "8.0;9.0+PTX" -> "sm_80__sm_90__compute_90": an identifier, for a -D define."""
-    tags = []
-    for arch in re.split(r"[;\s]+", arch_list.strip()):
-        if not arch:
-            continue
-        num = arch.split("+")[0].replace(".", "")
-        tags.append(f"sm_{num}")
-        if arch.endswith("+PTX"):
-            tags.append(f"compute_{num}")
-    return "__".join(tags)
-
-
 SUMMARY = ""
+
+
+def _banner(lines: list[str]) -> str:
+    rule = "!" * 78
+    return "\n".join([rule, *lines, rule])
 
 
 def _summary(isas, build_cuda: bool, cuda_line: str) -> str:
@@ -145,98 +90,92 @@ def _summary(isas, build_cuda: bool, cuda_line: str) -> str:
     )
     if build_cuda:
         return f"{built}; {cuda_line}"
-    rule = "!" * 78
-    return "\n".join(
+    return _banner(
         [
-            rule,
             f"{built}.",
             f"fastkd: {cuda_line}",
             "fastkd: this build has NO CUDA kernels (build_info()['cuda_kernels'] is False);",
             "fastkd: on a GPU only Triton and the reference will run.",
-            rule,
         ]
     )
 
 
-def _extensions():
-    try:
-        import torch
-    except ImportError as error:
-        raise SystemExit(
-            "fastkd builds its C++/CUDA ops against the installed torch, which this build "
-            "cannot import: install torch first, then `pip install --no-build-isolation .`"
-        ) from error
+def _pure_summary(error: ImportError) -> str:
+    return _banner(
+        [
+            f"fastkd: torch cannot be imported by this build ({error}), as under pip's",
+            "fastkd: default build isolation: building a pure-Python fastkd with its C++/CUDA",
+            "fastkd: sources, which compiles its ops on first use (about a minute, then cached",
+            "fastkd: in TORCH_EXTENSIONS_DIR). To compile them now instead, install torch first,",
+            "fastkd: then `pip install --no-build-isolation ...`.",
+        ]
+    )
 
+
+class BuildPyWithSources(build_py):
+    """Copies csrc/ into the package (fastkd/csrc/) for the JIT build, and drops compiled
+    files a previous build left in the build folder (a pure-Python wheel must hold none)."""
+
+    def run(self):
+        super().run()
+        if self.editable_mode:  # an editable install reads the checkout's csrc/ itself
+            return
+        package = Path(self.build_lib) / "fastkd"
+        if not self.distribution.ext_modules:
+            compiled = [*package.glob("_C*.so"), *package.glob("_C*.pyd")]
+            for stale in [*compiled, package / SPEC.AOT_RECORD]:
+                stale.unlink(missing_ok=True)
+        target = package / "csrc"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for source in sorted((HERE / CSRC).iterdir()):
+            if source.suffix in SPEC.SOURCE_SUFFIXES:
+                shutil.copyfile(source, target / source.name)
+
+
+def _extensions(torch):
     build_cuda, cuda_why = _cuda_decision(torch)
     if build_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", SPEC.DEFAULT_CUDA_ARCHS)
     # Imported only now: it reads CUDA_HOME when it is imported.
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    opt = ["-O3"]
-    # torch's vec headers carry clang/nvcc loop pragmas that GCC does not know, and GCC 12
-    # flags its own AVX-512 intrinsic headers (_mm512_undefined_*, GCC bug 105593) under
-    # at::vec::maximum: neither is about fastkd's code.
-    quiet = ["-Wno-unknown-pragmas", "-Wno-maybe-uninitialized", "-Wno-uninitialized"]
-    # No multiply-add contraction in the CPU kernels: GCC would fuse (s / T) - max into one
-    # FMA whose unrounded product no longer matches the rounded maximum it subtracts (a V = 1
-    # row's skew KL came out 2.8e-5 instead of 0), and results would move with the compiler.
-    # The fused multiply-adds that matter are explicit in at::vec's and Sleef's code.
-    exact = ["-ffp-contract=off"]
     include = [os.path.abspath(CSRC)]
+    ops_sources = [f"{CSRC}/{name}" for name in SPEC.OPS_SOURCES]
     exts = []
     if build_cuda:
         archs = os.environ["TORCH_CUDA_ARCH_LIST"]
-        n_archs = len([a for a in re.split(r"[;\s]+", archs) if a])
-        jobs = os.environ.get("MAX_JOBS", "")
-        nvcc_threads = min(n_archs, int(jobs)) if jobs.isdigit() and int(jobs) > 0 else n_archs
-        defines = ["-DFASTKD_WITH_CUDA", f"-DFASTKD_CUDA_ARCHS={_arch_tag(archs)}"]
+        cxx, nvcc = SPEC.ops_cflags(archs)
         exts.append(
             CUDAExtension(
-                "fastkd._C",
-                [f"{CSRC}/ops.cpp", f"{CSRC}/kd_cuda.cu", f"{CSRC}/kd_topk_cuda.cu"],
+                f"fastkd.{SPEC.OPS_MODULE}",
+                ops_sources + [f"{CSRC}/{name}" for name in SPEC.CUDA_SOURCES],
                 include_dirs=include,
-                extra_compile_args={
-                    "cxx": opt + defines,
-                    "nvcc": opt + defines + [f"--threads={max(nvcc_threads, 1)}"],
-                },
+                extra_compile_args={"cxx": cxx, "nvcc": nvcc},
             )
         )
         cuda_line = f"CUDA kernels for TORCH_CUDA_ARCH_LIST={archs} ({cuda_why})"
     else:
+        cxx, _ = SPEC.ops_cflags(None)
         exts.append(
             CppExtension(
-                "fastkd._C",
-                [f"{CSRC}/ops.cpp"],
+                f"fastkd.{SPEC.OPS_MODULE}",
+                ops_sources,
                 include_dirs=include,
-                extra_compile_args={"cxx": opt},
+                extra_compile_args={"cxx": cxx},
             )
         )
         cuda_line = f"CUDA kernels SKIPPED: {cuda_why}"
 
-    isas = _cpu_isas()
-    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    isas = SPEC.cpu_isas()
     for isa, capability, flags in isas:
-        module = f"_C_cpu_{isa}"
         exts.append(
             CppExtension(
-                f"fastkd.{module}",
-                [f"{CSRC}/kd_cpu.cpp", f"{CSRC}/kd_topk_cpu.cpp"],
+                f"fastkd.{SPEC.cpu_module(isa)}",
+                [f"{CSRC}/{name}" for name in SPEC.CPU_KERNEL_SOURCES],
                 include_dirs=include,
-                extra_compile_args={
-                    "cxx": opt
-                    + quiet
-                    + exact
-                    + openmp
-                    + flags
-                    + [
-                        f"-DCPU_CAPABILITY={capability}",
-                        f"-DCPU_CAPABILITY_{capability}",
-                        f"-DFASTKD_CPU_MODULE={module}",
-                        f"-DFASTKD_CPU_ISA={isa}",
-                    ]
-                },
-                extra_link_args=openmp,
+                extra_compile_args={"cxx": SPEC.cpu_cflags(isa, capability, flags)},
+                extra_link_args=SPEC.openmp_flags(),
             )
         )
     global SUMMARY
@@ -244,7 +183,8 @@ def _extensions():
     print(SUMMARY, flush=True)
 
     class Build(BuildExtension):
-        """One build folder per extension: kd_cpu.cpp is compiled once per instruction set."""
+        """One build folder per extension (kd_cpu.cpp is compiled once per instruction set),
+        and the torch it was built against recorded beside the modules."""
 
         def build_extension(self, ext):
             base = self.build_temp
@@ -254,10 +194,33 @@ def _extensions():
             finally:
                 self.build_temp = base
 
-    return exts, {"build_ext": Build}
+        def run(self):
+            super().run()
+            record = json.dumps({"torch": torch.__version__, "cuda_kernels": build_cuda})
+            folders = [Path(self.build_lib) / "fastkd"]
+            if self.inplace:
+                build_py_cmd = self.get_finalized_command("build_py")
+                folders.append(Path(build_py_cmd.get_package_dir("fastkd")))
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / SPEC.AOT_RECORD).write_text(record + "\n")
+
+    return exts, Build
 
 
-ext_modules, cmdclass = _extensions()
+def _configure():
+    global SUMMARY
+    try:
+        import torch
+    except ImportError as error:
+        SUMMARY = _pure_summary(error)
+        print(SUMMARY, flush=True)
+        return [], {"build_py": BuildPyWithSources}
+    exts, build_ext = _extensions(torch)
+    return exts, {"build_py": BuildPyWithSources, "build_ext": build_ext}
+
+
+ext_modules, cmdclass = _configure()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
 # Again after the compiler's output, where the last lines of a build log are read.
 print(SUMMARY, file=sys.stderr, flush=True)
