@@ -309,7 +309,8 @@ def check_float_tensor(name: str, x) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def check_logits(student: Tensor, teacher: Tensor) -> None:
+def check_logits(student: Tensor, teacher: Tensor, *, allow_empty: bool = False) -> None:
+    """``allow_empty``: a vocab-parallel rank may hold an empty shard (V_r = 0)."""
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         check_float_tensor(name, x)
         if x.dim() == 0:
@@ -329,7 +330,7 @@ def check_logits(student: Tensor, teacher: Tensor) -> None:
             f"student_logits and teacher_logits must have the same leading shape, got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)}"
         )
-    if student.shape[-1] == 0:
+    if student.shape[-1] == 0 and not allow_empty:
         raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
 
 

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from . import _backends, _ops
+from . import _backends, _ops, _vocab_parallel, distributed
 from ._config import KDConfig, KDOptions, check_flags, check_labels, check_logits, check_num_items
 from .reference import reference_loss
 from .topk import TopKTeacher
@@ -39,6 +39,7 @@ def kd_loss(
     divergence: str = "forward_kl",
     num_items_in_batch: int | float | Tensor | None = None,
     return_components: bool = False,
+    process_group=None,
     **options: Unpack[KDOptions],
 ) -> Tensor | KDLossOutput:
     """Knowledge-distillation loss between student and teacher logits of shape (..., V).
@@ -51,12 +52,19 @@ def kd_loss(
     config = KDConfig.from_options(divergence, **options)
     check_flags(return_components=return_components)
     return _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config,
-                    return_components)  # fmt: skip
+                    return_components, process_group)  # fmt: skip
 
 
 def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config: KDConfig,
-             return_components: bool):  # fmt: skip
+             return_components: bool, process_group=None):  # fmt: skip
     """kd_loss with its options already in a validated config."""
+    student_logits, teacher_logits, labels, process_group = distributed.as_local_shards(
+        student_logits, teacher_logits, labels, process_group
+    )
+    if process_group is not None:
+        return _vocab_parallel_kd_loss(student_logits, teacher_logits, labels,
+                                       num_items_in_batch, config, return_components,
+                                       process_group)  # fmt: skip
     topk = isinstance(teacher_logits, TopKTeacher)
     if topk:
         check_topk_inputs(student_logits, teacher_logits)
@@ -83,6 +91,31 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
         )
         if not config.has_ce:
             ce = None
+    if return_components:
+        return KDLossOutput(loss, kd, ce)
+    return loss
+
+
+def _vocab_parallel_kd_loss(student_logits, teacher_logits, labels, num_items_in_batch,
+                            config: KDConfig, return_components: bool, process_group):  # fmt: skip
+    """design.md §5: this rank's vocabulary shards; the loss of the whole vocabulary."""
+
+    def check_this_rank():
+        # Run inside the handshake: a rank whose inputs are refused tells the others, so
+        # that every rank raises instead of the others waiting in a collective.
+        if isinstance(teacher_logits, TopKTeacher):
+            raise NotImplementedError(
+                "a TopKTeacher with process_group (vocab-parallel top-k) is not supported yet: "
+                "gather the student's logits, or distil with dense teacher logits"
+            )
+        check_dense_options(config)
+        check_logits(student_logits, teacher_logits, allow_empty=True)
+        return check_num_items(num_items_in_batch, student_logits.device)
+
+    loss, kd, ce = _vocab_parallel.vocab_parallel_loss(
+        student_logits, teacher_logits, labels, config, process_group, check_this_rank
+    )
+    kd, ce = kd.detach(), None if ce is None else ce.detach()
     if return_components:
         return KDLossOutput(loss, kd, ce)
     return loss
@@ -150,15 +183,26 @@ class KDLoss(nn.Module):
             PyTorch reference for float64 or when neither is available; the environment
             variable ``FASTKD_BACKEND`` replaces it), ``"triton"``, ``"cuda"`` (the CUDA
             kernel of fastkd._C), ``"cpu"`` (its C++ CPU kernel) or ``"torch"``.
+        process_group (None): vocab-parallel (design.md §5, docs/distributed.md): each rank
+            of this torch.distributed group passes its contiguous vocabulary shard of both
+            logits (shards in rank order, widths may differ) and the same global labels; the
+            loss is the whole vocabulary's, the same on every rank, and its backward gives
+            each rank its shard's gradient. DTensor logits sharded on the last dimension
+            need no process_group. The ranks exchange O(N) floats a call.
 
     Forward: ``(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None,
     return_components=False)``. Logits are (..., V), float32/bfloat16/float16; labels are
     integers shaped like the leading dims. The teacher logits are detached.
     """
 
-    def __init__(self, divergence: str = "forward_kl", **options: Unpack[KDOptions]) -> None:
+    def __init__(
+        self, divergence: str = "forward_kl", *, process_group=None, **options: Unpack[KDOptions]
+    ) -> None:
         super().__init__()
         self.config = KDConfig.from_options(divergence, **options)
+        # A layout, not an option of the loss's math: kept beside the config, not in it (a
+        # process group is no op argument, and the config's fields are).
+        self.process_group = process_group
 
     def forward(
         self,
@@ -171,7 +215,7 @@ class KDLoss(nn.Module):
     ) -> Tensor | KDLossOutput:
         check_flags(return_components=return_components)
         return _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, self.config,
-                        return_components)  # fmt: skip
+                        return_components, self.process_group)  # fmt: skip
 
     def extra_repr(self) -> str:
         return self.config.describe()
