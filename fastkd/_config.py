@@ -377,7 +377,7 @@ def check_vocab_widths(vocab_size: int | None, unit: str, **widths: int) -> int:
     first = names[0]
     for name in names[1:]:
         if widths[name] != widths[first]:
-            # Padded embeddings (Qwen2.5: 152064 columns for 151936 tokens) are the usual
+            # Padded embeddings (Qwen2.5-7B: 152064 columns, Qwen2.5-0.5B: 151936) are the usual
             # cause; the padding must be dropped, never compared as if it were vocabulary.
             narrow = min(widths[first], widths[name])
             raise ValueError(

@@ -152,8 +152,8 @@ class KDLoss(nn.Module):
             ``vocab_size``, the padding columns hold their gradient, 0). Kernel backends
             only: the ``"torch"`` reference materialises anyway and ignores it.
         vocab_size (None): the true vocabulary V: only the first V columns of each logits
-            tensor count, the rest (padded embeddings, e.g. Qwen2.5's 152064 columns for
-            151936 tokens) are ignored as if -inf, read in place (no copy), and get a
+            tensor count, the rest (padded embeddings: Qwen2.5-7B's 152064 columns against
+            Qwen2.5-0.5B's 151936) are ignored as if -inf, read in place (no copy), and get a
             gradient of exactly 0. Student and teacher may then differ in width; without
             it, they must not. Labels (and a top-k teacher's ids) must be < V.
         backend ("auto"): ``"auto"`` (the C++ kernel for CPU tensors, Triton for CUDA tensors, the
