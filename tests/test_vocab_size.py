@@ -318,6 +318,49 @@ def test_kernels_read_the_logits_in_place(target, monkeypatch, inplace, topk):
     assert (x.grad[..., V:] == 0).all()
 
 
+@pytest.mark.skipif(
+    not _backends.is_available("cpu", torch.device("cpu"))[0], reason="no C++ CPU kernel"
+)
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad-buffer", "inplace"])
+def test_torch_compile_fullgraph(inplace):
+    """The ops' fake implementations and functionalisation with a padded student: a graph
+    compiled with fullgraph=True (aot_eager: the ops' graph without code generation) gives
+    eager's loss and gradients, padding rows of the head's gradient 0."""
+    torch._dynamo.reset()
+    gen = _gen("compile", inplace)
+    H, width = 8, V + 5
+    head = torch.nn.Linear(H, width)
+    with torch.no_grad():
+        head.bias[V:] = PAD
+    h = torch.randn(2, 3, H, generator=gen)
+    t = padded_logits((2, 3), V, gen)
+    labels = labels_for((2, 3), gen)
+    loss_fn = fastkd.KDLoss("jsd", vocab_size=V, ce_weight=0.3, backend="cpu",
+                            inplace_backward=inplace)  # fmt: skip
+
+    def step(fn):
+        head.zero_grad()
+        loss = fn(h, t, labels)
+        loss.backward()
+        return loss.detach(), head.weight.grad.clone(), head.bias.grad.clone()
+
+    def run(h, t, labels):
+        return loss_fn(head(h), t, labels)
+
+    eager = step(run)
+    compiled = step(torch.compile(run, fullgraph=True, backend="aot_eager"))
+    for got, want in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    assert (compiled[1][V:] == 0).all() and (compiled[2][V:] == 0).all()
+    # And both against the float64 spec on the head's first V rows.
+    w64, b64 = (p.detach().double().requires_grad_(True) for p in (head.weight, head.bias))
+    ref, _, _ = fastkd.kd_loss_reference(h.double() @ w64[:V].T + b64[:V], t[..., :V].double(),
+                                         labels, divergence="jsd", ce_weight=0.3)  # fmt: skip
+    ref.backward()
+    assert rel_err(compiled[0], ref) <= LOSS_TOL
+    assert rel_err(compiled[1], w64.grad) <= GRAD_TOL[torch.float32]
+
+
 # --- errors ------------------------------------------------------------------------------
 
 
