@@ -237,8 +237,7 @@ class FusedLinearKDLoss(nn.Module):
         vocab_size: the true vocabulary V: only the first V rows of each LM-head weight (and
             bias) count, so that heads padded to different row counts (Qwen2.5-7B's 152064
             against Qwen2.5-0.5B's 151936) can be distilled; the padding rows get a
-            gradient of exactly 0.
-            Without it, both weights must have the same rows.
+            gradient of exactly 0. Without it, both weights must have the same rows.
         chunk_size: at most this many rows (tokens) per chunk.
         memory_budget: bytes a chunk's logits-sized buffers may take (both models' logits,
             in float32); sets the chunk's rows. With neither option, the budget is a quarter

@@ -70,11 +70,11 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
     config = config.with_backend(_backends.resolve(config.backend, student_logits.device, dtype))
     teacher = teacher_logits.detach()
 
-    # The logits go on whole, padding columns included: the spec and the ops each read the
-    # first vocab_size columns through KDConfig.vocab_view, and the ops write the gradient of
-    # the padding columns (0) themselves, so that the gradient keeps the logits' width with
-    # no slice for autograd to pad with a second N x V buffer, and inplace_backward leaves
-    # no stale logits in the padding columns.
+    # The logits go on whole, padding columns included, and the spec and the ops each take
+    # the first vocab_size columns with KDConfig.vocab_view. Slicing here instead would put
+    # the ops behind an autograd slice, whose backward pads their gradient into a second
+    # N x V buffer (defeating inplace_backward) and leaves the student's padding columns
+    # holding logits after an in-place forward; the ops write those columns' 0 themselves.
     if config.backend == "torch":
         spec_loss = topk_reference_loss if topk else reference_loss
         loss, kd, ce = spec_loss(student_logits, teacher, labels, num_items, config)
