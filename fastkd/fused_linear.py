@@ -19,6 +19,7 @@ from ._config import (
     check_flags,
     check_labels,
     check_num_items,
+    check_vocab_widths,
 )
 from ._fused_linear_ops import fused_linear_kd, loss_chunk_rows
 from ._linear_heads import (
@@ -34,14 +35,11 @@ from .topk import TopKTeacher
 from .topk_reference import check_topk_teacher
 
 
-def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
-    if s_weight.shape[0] != t_weight.shape[0]:
-        raise ValueError(
-            f"student_weight and teacher_weight must share the vocabulary size (dim 0), got "
-            f"{s_weight.shape[0]} and {t_weight.shape[0]}"
-        )
-    if s_weight.shape[0] == 0:
-        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+def _check_pair(s_hidden, s_weight, t_hidden, t_weight, vocab_size: int | None) -> int:
+    """The two heads of one loss; returns the vocabulary V it reads (their first V rows)."""
+    V = check_vocab_widths(
+        vocab_size, "rows", student_weight=s_weight.shape[0], teacher_weight=t_weight.shape[0]
+    )
     if s_hidden.shape[:-1] != t_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden and teacher_hidden must have the same leading shape (one row per "
@@ -52,6 +50,7 @@ def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
             f"student_hidden and teacher_hidden must be on one device, got {s_hidden.device} "
             f"and {t_hidden.device}"
         )
+    return V
 
 
 def _config(divergence: str, options: KDOptions) -> KDConfig:
@@ -125,6 +124,14 @@ def _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher) 
         )
 
 
+def _vocab_rows(config: KDConfig, weight: Tensor, bias: Tensor | None) -> tuple:
+    """An LM head's first vocab_size rows (design.md §5), as views: the chunks' logits are
+    then V wide, and autograd gives the padding rows of grad_weight and grad_bias exactly 0
+    (a zero-filled (V_s, H) gradient, the parameter's own shape, that the V rows are copied
+    into; the chunk loop's float32 accumulator stays (V, H))."""
+    return config.vocab_view(weight, 0), None if bias is None else config.vocab_view(bias, 0)
+
+
 # A Python loop over data-dependent chunks: torch.compile runs it eagerly (a graph break)
 # rather than tracing it.
 @torch.compiler.disable
@@ -143,18 +150,18 @@ def _fused_linear_kd_loss(
     check_dense_options(config)
     check_head("student_", student_hidden, student_weight, student_bias)
     check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
-    _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    V = _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                    config.vocab_size)  # fmt: skip
     check_bias("student_", student_weight, student_bias)
     check_bias("teacher_", teacher_weight, teacher_bias)
     device = student_hidden.device
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = autocast_cast(
         device,
-        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-         teacher_bias),
+        (student_hidden, *_vocab_rows(config, student_weight, student_bias), teacher_hidden,
+         *_vocab_rows(config, teacher_weight, teacher_bias)),
     )  # fmt: skip
     check_head_dtypes("student_", s_hidden, s_weight, s_bias)
     check_head_dtypes("teacher_", t_hidden, t_weight, t_bias)
-    V = s_weight.shape[0]
     check_labels(labels, s_hidden.shape[:-1], V, device, config)
     num_items = check_num_items(num_items_in_batch, device)
     logits_dtype = torch.promote_types(wide_dtype(s_hidden.dtype), wide_dtype(t_hidden.dtype))
@@ -184,13 +191,12 @@ def _fused_linear_topk_loss(
     a chunk, the teacher read as its pairs."""
     check_head("student_", student_hidden, student_weight, student_bias)
     check_bias("student_", student_weight, student_bias)
-    V = student_weight.shape[0]
-    if V == 0:
-        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    V = check_vocab_widths(config.vocab_size, "rows", student_weight=student_weight.shape[0])
     device = student_hidden.device
     check_topk_teacher(teacher, student_hidden.shape[:-1], V, device)
-    s_hidden, s_weight, s_bias = autocast_cast(device, (student_hidden, student_weight,
-                                                        student_bias))  # fmt: skip
+    s_hidden, s_weight, s_bias = autocast_cast(
+        device, (student_hidden, *_vocab_rows(config, student_weight, student_bias))
+    )
     check_head_dtypes("student_", s_hidden, s_weight, s_bias)
     check_labels(labels, s_hidden.shape[:-1], V, device, config)
     num_items = check_num_items(num_items_in_batch, device)
@@ -228,6 +234,10 @@ class FusedLinearKDLoss(nn.Module):
         kd_weight, ce_weight, ignore_index, reduction, backend: exactly as for
             :class:`fastkd.KDLoss` (``backend="auto"``: the Triton kernel on CUDA; on CPU the
             C++ kernel once built, else the reference chunk by chunk).
+        vocab_size: the true vocabulary V: only the first V rows of each LM-head weight (and
+            bias) count, so that heads padded to different row counts (Qwen2.5-7B's 152064
+            against Qwen2.5-0.5B's 151936) can be distilled; the padding rows get a
+            gradient of exactly 0. Without it, both weights must have the same rows.
         chunk_size: at most this many rows (tokens) per chunk.
         memory_budget: bytes a chunk's logits-sized buffers may take (both models' logits,
             in float32); sets the chunk's rows. With neither option, the budget is a quarter
@@ -236,11 +246,12 @@ class FusedLinearKDLoss(nn.Module):
     Forward: ``(student_hidden (..., H_s), student_weight (V, H_s), teacher_hidden
     (..., H_t), teacher_weight (V, H_t), labels=None, student_bias=None, teacher_bias=None,
     num_items_in_batch=None, *, teacher=None, return_components=False)``. H_s and H_t may
-    differ; V must match. A teacher seen only through its top-k log-probabilities comes as
-    ``teacher=`` a :class:`fastkd.TopKTeacher` (..., K) instead of its hidden states and
-    weight (``labels=`` then by keyword): three matmuls a chunk instead of four, and the
-    top-k options of :class:`fastkd.KDLoss` apply. Hidden, weight and bias of one model
-    share a dtype (as for nn.Linear); under torch.autocast they are cast like nn.Linear's.
+    differ; V must match, or ``vocab_size`` be given. A teacher seen only through its top-k
+    log-probabilities comes as ``teacher=`` a :class:`fastkd.TopKTeacher` (..., K) instead of
+    its hidden states and weight (``labels=`` then by keyword): three matmuls a chunk instead
+    of four, and the top-k options of :class:`fastkd.KDLoss` apply. Hidden, weight and bias of
+    one model share a dtype (as for nn.Linear); under torch.autocast they are cast like
+    nn.Linear's.
     KDLoss's ``inplace_backward`` has no counterpart: the chunk's logits are always
     overwritten by their gradient.
 

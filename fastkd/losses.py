@@ -67,18 +67,22 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
                                        process_group)  # fmt: skip
     topk = isinstance(teacher_logits, TopKTeacher)
     if topk:
-        check_topk_inputs(student_logits, teacher_logits)
+        V = check_topk_inputs(student_logits, teacher_logits, config.vocab_size)
         dtype = student_logits.dtype
     else:
         check_dense_options(config)
-        check_logits(student_logits, teacher_logits)
+        V = check_logits(student_logits, teacher_logits, config.vocab_size)
         dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
-                 student_logits.device, config)  # fmt: skip
+    check_labels(labels, student_logits.shape[:-1], V, student_logits.device, config)
     num_items = check_num_items(num_items_in_batch, student_logits.device)
     config = config.with_backend(_backends.resolve(config.backend, student_logits.device, dtype))
     teacher = teacher_logits.detach()
 
+    # The logits go on whole, padding columns included, and the spec and the ops each take
+    # the first vocab_size columns with KDConfig.vocab_view. Slicing here instead would put
+    # the ops behind an autograd slice, whose backward pads their gradient into a second
+    # N x V buffer (defeating inplace_backward) and leaves the student's padding columns
+    # holding logits after an in-place forward; the ops write those columns' 0 themselves.
     if config.backend == "torch":
         spec_loss = topk_reference_loss if topk else reference_loss
         loss, kd, ce = spec_loss(student_logits, teacher, labels, num_items, config)
@@ -177,8 +181,14 @@ class KDLoss(nn.Module):
             ``"sum"``, ``"batchmean"`` (sum / student_logits.size(0), torch's KLDivLoss
             meaning) or ``"none"`` (one loss per row, shaped like the leading dims).
         inplace_backward (False): write the gradient over the student logits instead of a new
-            N x V buffer (the student logits' values are gone after the forward). Kernel
-            backends only: the ``"torch"`` reference materialises anyway and ignores it.
+            N x V buffer (the student logits' values are gone after the forward; with
+            ``vocab_size``, the padding columns hold their gradient, 0). Kernel backends
+            only: the ``"torch"`` reference materialises anyway and ignores it.
+        vocab_size (None): the true vocabulary V: only the first V columns of each logits
+            tensor count, the rest (padded embeddings: Qwen2.5-7B's 152064 columns against
+            Qwen2.5-0.5B's 151936) are ignored as if -inf, read in place (no copy), and get a
+            gradient of exactly 0. Student and teacher may then differ in width; without
+            it, they must not. Labels (and a top-k teacher's ids) must be < V.
         backend ("auto"): ``"auto"`` (the C++ kernel for CPU tensors, Triton for CUDA tensors, the
             PyTorch reference for float64 or when neither is available; the environment
             variable ``FASTKD_BACKEND`` replaces it), ``"triton"``, ``"cuda"`` (the CUDA
@@ -191,8 +201,9 @@ class KDLoss(nn.Module):
             need no process_group. The ranks exchange O(N) floats a call.
 
     Forward: ``(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None,
-    return_components=False)``. Logits are (..., V), float32/bfloat16/float16; labels are
-    integers shaped like the leading dims. The teacher logits are detached.
+    return_components=False)``. Logits are (..., V) (or wider, with ``vocab_size``),
+    float32/bfloat16/float16; labels are integers shaped like the leading dims. The teacher
+    logits are detached.
     """
 
     def __init__(
