@@ -113,6 +113,14 @@ def _vocab_parallel_kd_loss(student_logits, teacher_logits, labels, num_items_in
                 "gather the student's logits, or distil with dense teacher logits"
             )
         check_dense_options(config)
+        widths = [x.shape[-1] for x in (student_logits, teacher_logits)
+                  if isinstance(x, Tensor) and x.dim() > 0]  # fmt: skip
+        if len(widths) == 2 and widths[0] != widths[1]:
+            # vocab_size is the whole vocabulary's here, not a shard's: no padding to drop.
+            raise ValueError(
+                f"with process_group, this rank's student_logits and teacher_logits shards must "
+                f"have the same width, got {widths[0]} and {widths[1]}"
+            )
         check_logits(student_logits, teacher_logits, allow_empty=True)
         return check_num_items(num_items_in_batch, student_logits.device)
 
