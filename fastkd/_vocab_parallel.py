@@ -112,10 +112,16 @@ def _options_code(config: KDConfig) -> int:
     return zlib.crc32(text.encode())
 
 
-def _labels_code(labels: Tensor | None) -> int:
-    if labels is None or labels.numel() == 0:
+def _labels_code(labels: Tensor | None, teacher=None) -> int:
+    """A checksum of the global inputs every rank must hold alike: the labels and, for a
+    top-k teacher, its ids and log-probabilities."""
+    parts = [] if labels is None else [labels.reshape(-1).long()]
+    if teacher is not None:
+        parts.append(teacher.token_ids.reshape(-1).long())
+        parts.append(teacher.logprobs.detach().float().reshape(-1).view(torch.int32).long())
+    if not parts or sum(p.numel() for p in parts) == 0:
         return 0
-    flat = labels.reshape(-1).long()
+    flat = torch.cat([p.to(parts[0].device) for p in parts])
     weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.long)
     return int(((flat + 7) * weights).sum())  # int64 wraps: still one value on every rank
 
@@ -127,6 +133,7 @@ def shard_layout(
     vocab_size: int | None,
     group,
     refused: BaseException | None = None,
+    teacher=None,
 ) -> ShardLayout:
     """The handshake: every rank's rows, width, labels and options, checked to agree.
     ``refused``: this rank's own inputs failed their checks; it raises that error, and every
@@ -140,7 +147,7 @@ def shard_layout(
             student.shape[:-1].numel(),
             student.shape[-1],
             labels is not None,
-            _labels_code(labels),
+            _labels_code(labels, teacher),
             _options_code(config),
             -1 if vocab_size is None else vocab_size,
             zlib.crc32(str(student.dtype).encode()),
@@ -180,7 +187,7 @@ def _disagreement(name: str, values: list, table: Tensor) -> str:
     what = {
         "rows": "the logits' leading shape (rows: every rank holds every row of its shard)",
         "has_labels": "whether labels are given",
-        "labels": "the labels (they are global: every rank passes the same labels)",
+        "labels": "the labels or the top-k teacher (they are global: every rank passes the same)",
         "options": "the loss's options (divergence, temperature, weights, reduction, ...)",
         "vocab_size": "vocab_size",
         "dtype": "the logits' dtype",
@@ -446,5 +453,138 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     _phase3(s_rows, t_rows, flat_labels, keep, config, layout, st, s_sum, row_factor, grad,
             dtype)  # fmt: skip
     deferred = factor if defer else torch.ones((), dtype=dtype, device=student.device)
+    loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
+    return loss, kd, ce
+
+
+# --- top-k teachers (design.md §4 over §5's shards) -------------------------------------------
+
+# What each rank gathers per row for a top-k teacher: _topk_rows.STATS of its shard, then
+# the student's logits at the support ids it holds (0 elsewhere: each id has one owner),
+# then its logit at the label (0 unless the label lies in the shard).
+_EMPTY_STATS = (0.0, -math.inf, -math.inf, 0.0, -math.inf)
+
+
+def _local_ids(ids: Tensor, layout: ShardLayout) -> Tensor:
+    """Global support ids (-1: none) -> this shard's column, or -1 (the kernels skip it)."""
+    mine = (ids >= layout.offset) & (ids < layout.offset + layout.used)
+    return torch.where(mine, ids - layout.offset, -1)
+
+
+def _local_labels(labels: Tensor | None, layout: ShardLayout, ignore_index: int):
+    """Global labels -> this shard's column; a label held elsewhere becomes a column no row
+    has (never ignore_index, so that the row is not taken for an ignored one)."""
+    if labels is None:
+        return None
+    elsewhere = layout.used if layout.used != ignore_index else layout.used + 1
+    local = labels.long() - layout.offset
+    held = (local >= 0) & (local < layout.used)
+    return torch.where(labels == ignore_index, ignore_index, torch.where(held, local, elsewhere))
+
+
+def _combine_topk_stats(every: Tensor) -> Tensor:
+    """(world, n, 5) shard STATS -> the row's (n, 5), in float64: each log-sum-exp rebased on
+    the largest shard maximum among the shards that hold mass."""
+    m_a, log_z_a, log_z_out, m_s, log_z_s = every.unbind(-1)
+
+    def rebase(m, *log_zs):
+        held = log_zs[0] > -math.inf
+        top = torch.where(held, m, -math.inf).amax(0)
+        top = torch.where(top == -math.inf, 0.0, top)
+        return top, [torch.logsumexp(m - top + log_z, 0) for log_z in log_zs]
+
+    top_a, (lz_a, lz_out) = rebase(m_a, log_z_a, log_z_out)
+    top_s, (lz_s,) = rebase(m_s, log_z_s)
+    return torch.stack([top_a, lz_a, lz_out, top_s, lz_s], -1)
+
+
+def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check_this_rank):
+    """design.md §4 on §5's shards: the O(V) kernels (fastkd/_topk_rows.py) run on this rank's
+    shard with the support ids it holds; one all_gather of (N, 6 + K) float32 gives every rank
+    the row statistics and the student's logits at the support; the O(K) side
+    (_topk_rows.support_side) then runs on every rank alike, and the gradient kernel writes
+    this shard's gradient."""
+    from . import _backends, _topk_rows
+    from .topk_reference import check_topk_teacher, teacher_support
+
+    refused, num_items, backend = None, None, None
+    try:
+        num_items = check_this_rank()
+        backend = _backends.resolve(config.backend, student.device, student.dtype)
+        if not _backends.REGISTRY[backend].is_kernel:
+            raise ValueError(
+                "vocab-parallel top-k runs on fastkd's kernels: float32, bfloat16 or float16 "
+                f"student logits and a kernel backend (cpu, triton, cuda), got {backend!r} for "
+                f"{student.dtype} logits"
+            )
+    except (ValueError, TypeError, NotImplementedError) as error:
+        refused = error
+    layout = shard_layout(student, labels, config, config.vocab_size, group, refused, teacher)
+    lead = student.shape[:-1]
+    check_labels(labels, lead, layout.total, student.device, config)
+    check_topk_teacher(teacher, lead, layout.total, student.device)
+
+    width = student.shape[-1]
+    n = lead.numel()
+    rows = student.detach().reshape(n, width)[:, : layout.used]
+    pairs = teacher.detach().as_rows()
+    flat_labels = None if labels is None else labels.reshape(-1)
+    keep = None if flat_labels is None else flat_labels != config.ignore_index
+    support = teacher_support(pairs, layout.total, config, keep, torch.float64)
+    ids = _local_ids(torch.where(support.live, pairs.token_ids.long(), -1), layout)
+    local_labels = _local_labels(flat_labels, layout, config.ignore_index)
+    has_ce = flat_labels is not None and config.has_ce
+    tail = config.topk_tail == "bucket"
+    row_stats, grad_rows = _backends.topk_kernels(backend)
+
+    k = ids.shape[1]
+    mine = torch.zeros(n, 6 + k, dtype=torch.float32, device=student.device)
+    mine[:, :5] = torch.tensor(_EMPTY_STATS, device=student.device)
+    if layout.used and n:
+        mine[:, :5] = row_stats(rows, ids, local_labels, temperature=config.temperature,
+                                softcap=config.softcap, tail=tail, ce=has_ce,
+                                ignore_index=config.ignore_index)  # fmt: skip
+        at_ids = rows.gather(1, ids.clamp(min=0)).float()
+        mine[:, 5 : 5 + k] = torch.where(ids >= 0, at_ids, 0.0)
+        if has_ce:
+            held = (local_labels >= 0) & (local_labels < layout.used) & keep
+            x_label = rows.gather(1, torch.where(held, local_labels, 0).unsqueeze(1)).squeeze(1)
+            mine[:, 5 + k] = torch.where(held, x_label.float(), 0.0)
+    every = all_gather(mine, group, "statistics").double()
+    stats = _combine_topk_stats(every[..., :5])
+    student_at_ids = every[..., 5 : 5 + k].sum(0)
+    x_label = every[..., 5 + k].sum(0) if has_ce else None
+
+    wants_grad = student.requires_grad and torch.is_grad_enabled()
+    keep_all = torch.ones(n, dtype=torch.bool, device=student.device) if keep is None else keep
+    size0 = student.shape[0] if student.dim() > 1 else 1
+    factor = _reduction_factor(config, keep_all, num_items, size0, torch.float32)
+    defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
+    row_factor = torch.ones_like(factor) if defer else factor
+    kd_rows, ce_rows, row_coefs, pair_grads = _topk_rows.support_side(
+        stats, student_at_ids, x_label, support, keep, config, tail,
+        row_factor if wants_grad else None,
+    )  # fmt: skip
+    loss, kd, ce = reduce_reference(
+        student,
+        (kd_rows * config.t_squared).reshape(lead),
+        ce_rows.reshape(lead) if has_ce else None,
+        keep_all.reshape(lead),
+        num_items,
+        config,
+    )
+    if not wants_grad:
+        return loss, kd, ce
+    if config.inplace_backward:
+        grad = student.detach().reshape(n, width)
+    else:
+        grad = torch.empty(n, width, dtype=student.dtype, device=student.device)
+    if layout.used and n:
+        grad_rows(rows, ids, rows.gather(1, ids.clamp(min=0)), local_labels, stats.float(),
+                  row_coefs, pair_grads, grad[:, : layout.used], temperature=config.temperature,
+                  softcap=config.softcap, ignore_index=config.ignore_index)  # fmt: skip
+    if layout.used < width:
+        grad[:, layout.used :] = 0
+    deferred = factor if defer else torch.ones_like(factor)
     loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
     return loss, kd, ce

@@ -13,7 +13,15 @@ from torch import Tensor, nn
 from typing_extensions import Unpack
 
 from . import _backends, _ops, _vocab_parallel, distributed
-from ._config import KDConfig, KDOptions, check_flags, check_labels, check_logits, check_num_items
+from ._config import (
+    KDConfig,
+    KDOptions,
+    check_flags,
+    check_float_tensor,
+    check_labels,
+    check_logits,
+    check_num_items,
+)
 from .reference import reference_loss
 from .topk import TopKTeacher
 from .topk_reference import check_topk_inputs, topk_reference_loss
@@ -107,11 +115,11 @@ def _vocab_parallel_kd_loss(student_logits, teacher_logits, labels, num_items_in
     def check_this_rank():
         # Run inside the handshake: a rank whose inputs are refused tells the others, so
         # that every rank raises instead of the others waiting in a collective.
-        if isinstance(teacher_logits, TopKTeacher):
-            raise NotImplementedError(
-                "a TopKTeacher with process_group (vocab-parallel top-k) is not supported yet: "
-                "gather the student's logits, or distil with dense teacher logits"
-            )
+        if topk:
+            check_float_tensor("student_logits", student_logits)
+            if student_logits.dim() == 0:
+                raise ValueError("student_logits must have a vocabulary dimension")
+            return check_num_items(num_items_in_batch, student_logits.device)
         check_dense_options(config)
         widths = [x.shape[-1] for x in (student_logits, teacher_logits)
                   if isinstance(x, Tensor) and x.dim() > 0]  # fmt: skip
@@ -124,7 +132,9 @@ def _vocab_parallel_kd_loss(student_logits, teacher_logits, labels, num_items_in
         check_logits(student_logits, teacher_logits, allow_empty=True)
         return check_num_items(num_items_in_batch, student_logits.device)
 
-    loss, kd, ce = _vocab_parallel.vocab_parallel_loss(
+    topk = isinstance(teacher_logits, TopKTeacher)
+    run = _vocab_parallel.topk_vocab_parallel_loss if topk else _vocab_parallel.vocab_parallel_loss
+    loss, kd, ce = run(
         student_logits, teacher_logits, labels, config, process_group, check_this_rank
     )
     kd, ce = kd.detach(), None if ce is None else ce.detach()
