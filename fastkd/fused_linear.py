@@ -30,6 +30,7 @@ from ._linear_heads import (
     check_head_dtypes,
     wide_dtype,
 )
+from ._vocab_parallel_linear import fused_linear_vocab_parallel
 from .losses import KDLossOutput, check_dense_options
 from .topk import TopKTeacher
 from .topk_reference import check_topk_teacher
@@ -77,6 +78,7 @@ def fused_linear_kd_loss(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     return_components: bool = False,
+    process_group=None,
     **options: Unpack[KDOptions],
 ) -> Tensor | KDLossOutput:
     """KDLoss on ``hidden @ weight.T (+ bias)`` of both models, without the N x V logits.
@@ -93,7 +95,7 @@ def fused_linear_kd_loss(
     return _fused_linear_kd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, num_items_in_batch, teacher, config, chunk_size, memory_budget,
-        return_components,
+        return_components, process_group,
     )  # fmt: skip
 
 
@@ -138,9 +140,15 @@ def _vocab_rows(config: KDConfig, weight: Tensor, bias: Tensor | None) -> tuple:
 def _fused_linear_kd_loss(
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
     teacher_bias, num_items_in_batch, teacher, config: KDConfig, chunk_size, memory_budget,
-    return_components,
+    return_components, process_group=None,
 ):  # fmt: skip
     """fused_linear_kd_loss with its options already in a validated config."""
+    if process_group is not None:
+        return _fused_linear_vocab_parallel(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias, teacher_bias, num_items_in_batch, teacher, config, chunk_size,
+            memory_budget, return_components, process_group,
+        )  # fmt: skip
     _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher)
     if teacher is not None:
         return _fused_linear_topk_loss(
@@ -219,6 +227,45 @@ def _fused_linear_topk_loss(
     return loss
 
 
+def _fused_linear_vocab_parallel(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+    teacher_bias, num_items_in_batch, teacher, config: KDConfig, chunk_size, memory_budget,
+    return_components, process_group,
+):  # fmt: skip
+    """design.md §5 with this rank's rows of both LM heads (fastkd/_vocab_parallel_linear.py).
+    This rank's checks run first; a refusal reaches every rank through the first collective."""
+    refused, num_items, chunk_rows = None, None, 1
+    try:
+        _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher)
+        check_head("student_", student_hidden, student_weight, student_bias)
+        check_bias("student_", student_weight, student_bias)
+        check_head_dtypes("student_", student_hidden, student_weight, student_bias)
+        rows = student_weight.shape[0]
+        if teacher is None:
+            check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+            check_bias("teacher_", teacher_weight, teacher_bias)
+            check_head_dtypes("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+            if teacher_weight.shape[0] != rows:
+                raise ValueError(
+                    f"with process_group, this rank's student_weight and teacher_weight must "
+                    f"hold the same vocabulary rows, got {rows} and {teacher_weight.shape[0]}"
+                )
+        num_items = check_num_items(num_items_in_batch, student_hidden.device)
+        n_rows = student_hidden.numel() // student_hidden.shape[-1] if student_hidden.shape[-1] \
+            else 0  # fmt: skip
+        chunk_rows = loss_chunk_rows(n_rows, max(rows, 1), torch.float32, "cpu", chunk_size,
+                                     memory_budget, student_hidden.device)  # fmt: skip
+    except (ValueError, TypeError) as error:
+        refused = error
+    loss, kd, ce = fused_linear_vocab_parallel(
+        config, process_group, chunk_rows, student_hidden, student_weight, student_bias,
+        teacher_hidden, teacher_weight, teacher_bias, teacher, labels, num_items, refused,
+    )  # fmt: skip
+    if return_components:
+        return KDLossOutput(loss, kd, ce)
+    return loss
+
+
 class FusedLinearKDLoss(nn.Module):
     """KDLoss from hidden states and LM-head weights: the logits are never held whole.
 
@@ -239,6 +286,11 @@ class FusedLinearKDLoss(nn.Module):
             against Qwen2.5-0.5B's 151936) can be distilled; the padding rows get a
             gradient of exactly 0. Without it, both weights must have the same rows.
         chunk_size: at most this many rows (tokens) per chunk.
+        process_group (None): vocab-parallel (design.md §5): each rank passes its
+            contiguous rows of both LM-head weights (and biases), as Megatron's
+            ColumnParallelLinear holds them, and the whole hidden states; the loss is the
+            whole vocabulary's on every rank, each weight gets its rows' gradient and the
+            hidden states' gradient is summed over the ranks (docs/distributed.md).
         memory_budget: bytes a chunk's logits-sized buffers may take (both models' logits,
             in float32); sets the chunk's rows. With neither option, the budget is a quarter
             of the free CUDA memory, or 256 MiB on CPU.
@@ -268,6 +320,7 @@ class FusedLinearKDLoss(nn.Module):
         *,
         chunk_size: int | None = None,
         memory_budget: int | None = None,
+        process_group=None,
         **options: Unpack[KDOptions],
     ) -> None:
         super().__init__()
@@ -275,6 +328,7 @@ class FusedLinearKDLoss(nn.Module):
         check_chunking(chunk_size, memory_budget)
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
+        self.process_group = process_group
 
     def forward(
         self,
@@ -294,7 +348,7 @@ class FusedLinearKDLoss(nn.Module):
         return _fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
             student_bias, teacher_bias, num_items_in_batch, teacher, self.config,
-            self.chunk_size, self.memory_budget, return_components,
+            self.chunk_size, self.memory_budget, return_components, self.process_group,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
