@@ -26,7 +26,7 @@ from .divergences import DIVERGENCES, REDUCTIONS
 # The op schema's type of each field type (the annotations are strings under
 # ``from __future__ import annotations``).
 _SCHEMA_TYPES = {"str": "str", "float": "float", "float | None": "float?", "bool": "bool",
-                 "int": "int"}  # fmt: skip
+                 "int": "int", "int | None": "int?"}  # fmt: skip
 
 
 class KDOptions(TypedDict, total=False):
@@ -48,6 +48,7 @@ class KDOptions(TypedDict, total=False):
     student_normalization: str
     topk_tail: str
     teacher_temperature: float | None
+    vocab_size: int | None
 
 
 # The top-k options' values (design.md §4); a dense teacher takes only their defaults.
@@ -71,6 +72,7 @@ OPTION_DEFAULTS: KDOptions = {
     "student_normalization": "full",  # the student's softmax over its whole vocabulary
     "topk_tail": "none",
     "teacher_temperature": None,  # the producer already divided by the loss's T
+    "vocab_size": None,  # every column of the logits (every row of the LM-head weights)
 }
 
 
@@ -98,6 +100,7 @@ class KDConfig:
     student_normalization: str
     topk_tail: str
     teacher_temperature: float | None
+    vocab_size: int | None
 
     @classmethod
     def from_options(cls, divergence: str = "forward_kl", **options: Unpack[KDOptions]) -> KDConfig:
@@ -141,15 +144,30 @@ class KDConfig:
             backend=o["backend"],
             inplace_backward=o["inplace_backward"],
             **_topk_options(o, temperature),
+            vocab_size=check_vocab_size(o["vocab_size"]),
         )
 
     def describe(self, **extra) -> str:
-        """``name=value, ...`` of every field and of ``extra`` (the modules' extra_repr)."""
+        """``name=value, ...`` of every field and of ``extra`` (the modules' extra_repr);
+        ``vocab_size`` only when set."""
         items = {**dataclasses.asdict(self), **extra}
+        if self.vocab_size is None:
+            del items["vocab_size"]
         return ", ".join(f"{name}={value!r}" for name, value in items.items())
 
     def with_backend(self, backend: str) -> KDConfig:
         return dataclasses.replace(self, backend=backend)
+
+    def vocab_view(self, x: Tensor, dim: int = -1) -> Tensor:
+        """The first ``vocab_size`` entries of ``x`` along ``dim`` (the logits' columns, or an
+        LM head's rows at dim 0), as a view: what every path reads (design.md §5).
+
+        A view and not a copy: the kernels take a row stride larger than V, and autograd
+        through the view hands the padding entries a gradient of exactly 0.
+        """
+        if self.vocab_size is None or x.shape[dim] == self.vocab_size:
+            return x
+        return x.narrow(dim, 0, self.vocab_size)
 
     @property
     def topk_options_set(self) -> list[str]:
@@ -309,7 +327,12 @@ def check_float_tensor(name: str, x) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
-def check_logits(student: Tensor, teacher: Tensor) -> None:
+def check_logits(
+    student: Tensor, teacher: Tensor, vocab_size: int | None = None, *, allow_empty: bool = False
+) -> int:
+    """Student and teacher logits (..., V_s) and (..., V_t) of one loss: the vocabulary V
+    the loss reads (:func:`check_vocab_widths`) is returned. ``allow_empty``: a vocab-parallel
+    rank may hold an empty shard (V_r = 0)."""
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         check_float_tensor(name, x)
         if x.dim() == 0:
@@ -319,18 +342,57 @@ def check_logits(student: Tensor, teacher: Tensor) -> None:
             f"student_logits and teacher_logits must be on one device, got {student.device} "
             f"and {teacher.device}"
         )
-    if student.shape[-1] != teacher.shape[-1]:
-        raise ValueError(
-            f"student_logits and teacher_logits must share the vocabulary size (last dim), "
-            f"got {student.shape[-1]} and {teacher.shape[-1]}"
-        )
-    if student.shape != teacher.shape:
+    widths = {"student_logits": student.shape[-1], "teacher_logits": teacher.shape[-1]}
+    if allow_empty and widths["student_logits"] == widths["teacher_logits"] == 0:
+        V = 0
+    else:
+        V = check_vocab_widths(vocab_size, "columns", **widths)
+    if student.shape[:-1] != teacher.shape[:-1]:
         raise ValueError(
             f"student_logits and teacher_logits must have the same leading shape, got "
             f"{tuple(student.shape)} and {tuple(teacher.shape)}"
         )
-    if student.shape[-1] == 0:
-        raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    return V
+
+
+def check_vocab_size(value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"vocab_size must be an int or None, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"vocab_size must be >= 1, got {value}")
+    return int(value)
+
+
+def check_vocab_widths(vocab_size: int | None, unit: str, **widths: int) -> int:
+    """The vocabulary V a loss reads (design.md §5), from the widths of its tensors (the
+    logits' columns, the LM heads' rows), by name: ``vocab_size``, which no width may fall
+    short of, or else the one width they all share."""
+    names = list(widths)
+    if vocab_size is not None:
+        for name in names:
+            if widths[name] < vocab_size:
+                raise ValueError(
+                    f"vocab_size={vocab_size} is larger than {name}, which has "
+                    f"{widths[name]} {unit}: vocab_size is the true vocabulary, at most the "
+                    f"width of every input"
+                )
+        return vocab_size
+    first = names[0]
+    for name in names[1:]:
+        if widths[name] != widths[first]:
+            # Padded embeddings (Qwen2.5-7B: 152064 columns, Qwen2.5-0.5B: 151936) are the usual
+            # cause; the padding must be dropped, never compared as if it were vocabulary.
+            narrow = min(widths[first], widths[name])
+            raise ValueError(
+                f"{first} has {widths[first]} {unit} and {name} {widths[name]}: pass "
+                f"vocab_size={narrow} (or the true vocabulary, if smaller) to ignore the "
+                f"padding {unit}"
+            )
+    if widths[first] == 0:
+        raise ValueError(f"{first} has an empty vocabulary dimension (V = 0)")
+    return widths[first]
 
 
 def check_labels(

@@ -71,7 +71,21 @@ def _kd_forward(
     grad: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Runs the row kernel (gradient into ``grad`` when given) and reduces: (loss, kd, ce,
-    the reduction's factor); the gradient lacks that factor when :func:`_defers_factor`."""
+    the reduction's factor); the gradient lacks that factor when :func:`_defers_factor`.
+
+    ``student`` and ``grad`` have the logits' full width: with ``vocab_size`` the kernel reads
+    and writes the first V columns through strided views, and the padding columns of
+    ``grad`` (the student's own, in place) are set to their gradient, 0, here.
+    """
+    topk = isinstance(teacher, TopKTeacher)
+    padding = 0 if config.vocab_size is None else student.shape[-1] - config.vocab_size
+    if grad is not None and padding > 0:
+        grad.narrow(-1, config.vocab_size, padding).zero_()
+    student = config.vocab_view(student)
+    if grad is not None:
+        grad = config.vocab_view(grad)
+    if not topk:
+        teacher = config.vocab_view(teacher)
     V = student.shape[-1]
     student_rows = _rows.as_rows(student, V)
     labels_rows = labels.reshape(-1) if labels is not None else None
@@ -80,7 +94,6 @@ def _kd_forward(
     reduction_factor = _rows.reduction_factor(
         config, n_rows, size0, labels_rows, num_items_in_batch, student.device
     )
-    topk = isinstance(teacher, TopKTeacher)
     row_kernel, _ = _backends.row_kernel(config.backend, topk=topk)
     rows = RowArgs(
         student=student_rows,

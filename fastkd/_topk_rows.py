@@ -101,9 +101,35 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     stats = row_stats(student, ids, labels, temperature=config.temperature,
                       softcap=config.softcap, tail=tail, ce=has_ce,
                       ignore_index=config.ignore_index)  # fmt: skip
-    m_a, log_z_a, log_z_out, m_s, log_z_s = stats.to(wide).unbind(1)
     # Gathered before the gradient kernel, which may write over the student.
     student_at_ids = student.gather(1, ids.clamp(min=0))
+    x_label = None
+    if has_ce:
+        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(1)
+        x_label = student.gather(1, safe_labels).squeeze(1)
+    kd_per_row, ce_per_row, row_coefs, pair_grads = support_side(
+        stats.to(wide), student_at_ids, x_label, support, keep, config, tail,
+        None if rows.grad is None else rows.reduction_factor,
+    )  # fmt: skip
+    if rows.grad is not None:
+        grad_rows(student, ids, student_at_ids, labels, stats, row_coefs, pair_grads,
+                  rows.grad, temperature=config.temperature, softcap=config.softcap,
+                  ignore_index=config.ignore_index)  # fmt: skip
+    return RowLosses(kd_per_row.float(), ce_per_row.float())
+
+
+def support_side(stats, student_at_ids, x_label, support, keep, config, tail: bool,
+                 reduction_factor):  # fmt: skip
+    """The O(K) side of a row (float64): (kd_per_row, ce_per_row, row_coefs, pair_grads), the
+    last two None without ``reduction_factor`` (no gradient wanted). ``stats`` (n, 5) are the
+    rows' STATS (from topk_row_stats, or combined over the ranks of a vocab-parallel group),
+    ``student_at_ids`` (n, K) the student's logits at the support's ids, ``x_label`` (n,) its
+    logit at the label (None without CE)."""
+    wide = torch.float64
+    n = stats.shape[0]
+    want_grad = reduction_factor is not None
+    has_ce = x_label is not None
+    m_a, log_z_a, log_z_out, m_s, log_z_s = stats.unbind(1)
     _, a_S = _capped_scaled(student_at_ids, config)
 
     # The O(K) side: the table over the support, in float64, and the gradient's constants.
@@ -119,7 +145,7 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     log_q_all = torch.cat([log_q, log_q_tail.unsqueeze(1)], 1)
     kd_per_row = divergence_per_row(log_p_all, log_q_all, config.divergence, config.mix_weight,
                                     config.mix_weight)  # fmt: skip
-    if rows.grad is not None:
+    if want_grad:
         qg = divergence_log_q_grad(log_p_all, log_q_all, config.divergence, config.mix_weight,
                                    config.mix_weight)  # fmt: skip
         qg_S, qg_tail = qg[:, :-1], qg[:, -1]
@@ -140,20 +166,17 @@ def row_kernel(rows: RowArgs) -> RowLosses:
     if keep is not None:
         kd_per_row = torch.where(keep, kd_per_row, 0.0)
 
-    ce_per_row = torch.zeros(n, dtype=wide, device=student.device)
+    ce_per_row = torch.zeros(n, dtype=wide, device=stats.device)
     if has_ce:
-        safe_labels = torch.where(keep, labels, 0).long().unsqueeze(1)
-        x_label, _ = _capped_scaled(student.gather(1, safe_labels).squeeze(1), config)
+        x_label, _ = _capped_scaled(x_label, config)
         ce_per_row = torch.where(keep, (m_s - x_label) + log_z_s, 0.0)
 
-    if rows.grad is not None:
-        kd_coef = rows.reduction_factor.to(wide) * config.kd_grad_coef
+    if want_grad:
+        kd_coef = reduction_factor.to(wide) * config.kd_grad_coef
         c_q = (c_q + nan_rows) * kd_coef
         c_ce = torch.full_like(c_q, config.ce_weight if has_ce else 0.0)
-        c_ce = c_ce * rows.reduction_factor.to(wide)
+        c_ce = c_ce * reduction_factor.to(wide)
         pair_grads = (d_pairs * kd_coef).float()
         row_coefs = torch.stack([c_q, c_ce], 1).float()
-        grad_rows(student, ids, student_at_ids, labels, stats, row_coefs, pair_grads,
-                  rows.grad, temperature=config.temperature, softcap=config.softcap,
-                  ignore_index=config.ignore_index)  # fmt: skip
-    return RowLosses(kd_per_row.float(), ce_per_row.float())
+        return kd_per_row.float(), ce_per_row.float(), row_coefs, pair_grads
+    return kd_per_row.float(), ce_per_row.float(), None, None

@@ -19,6 +19,7 @@ from ._config import (
     check_flags,
     check_labels,
     check_num_items,
+    check_vocab_widths,
 )
 from ._fused_linear_ops import fused_linear_kd, loss_chunk_rows
 from ._linear_heads import (
@@ -29,19 +30,17 @@ from ._linear_heads import (
     check_head_dtypes,
     wide_dtype,
 )
+from ._vocab_parallel_linear import fused_linear_vocab_parallel
 from .losses import KDLossOutput, check_dense_options
 from .topk import TopKTeacher
 from .topk_reference import check_topk_teacher
 
 
-def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
-    if s_weight.shape[0] != t_weight.shape[0]:
-        raise ValueError(
-            f"student_weight and teacher_weight must share the vocabulary size (dim 0), got "
-            f"{s_weight.shape[0]} and {t_weight.shape[0]}"
-        )
-    if s_weight.shape[0] == 0:
-        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+def _check_pair(s_hidden, s_weight, t_hidden, t_weight, vocab_size: int | None) -> int:
+    """The two heads of one loss; returns the vocabulary V it reads (their first V rows)."""
+    V = check_vocab_widths(
+        vocab_size, "rows", student_weight=s_weight.shape[0], teacher_weight=t_weight.shape[0]
+    )
     if s_hidden.shape[:-1] != t_hidden.shape[:-1]:
         raise ValueError(
             f"student_hidden and teacher_hidden must have the same leading shape (one row per "
@@ -52,6 +51,7 @@ def _check_pair(s_hidden, s_weight, t_hidden, t_weight) -> None:
             f"student_hidden and teacher_hidden must be on one device, got {s_hidden.device} "
             f"and {t_hidden.device}"
         )
+    return V
 
 
 def _config(divergence: str, options: KDOptions) -> KDConfig:
@@ -78,6 +78,7 @@ def fused_linear_kd_loss(
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     return_components: bool = False,
+    process_group=None,
     **options: Unpack[KDOptions],
 ) -> Tensor | KDLossOutput:
     """KDLoss on ``hidden @ weight.T (+ bias)`` of both models, without the N x V logits.
@@ -94,7 +95,7 @@ def fused_linear_kd_loss(
     return _fused_linear_kd_loss(
         student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
         teacher_bias, num_items_in_batch, teacher, config, chunk_size, memory_budget,
-        return_components,
+        return_components, process_group,
     )  # fmt: skip
 
 
@@ -125,15 +126,29 @@ def _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher) 
         )
 
 
+def _vocab_rows(config: KDConfig, weight: Tensor, bias: Tensor | None) -> tuple:
+    """An LM head's first vocab_size rows (design.md §5), as views: the chunks' logits are
+    then V wide, and autograd gives the padding rows of grad_weight and grad_bias exactly 0
+    (a zero-filled (V_s, H) gradient, the parameter's own shape, that the V rows are copied
+    into; the chunk loop's float32 accumulator stays (V, H))."""
+    return config.vocab_view(weight, 0), None if bias is None else config.vocab_view(bias, 0)
+
+
 # A Python loop over data-dependent chunks: torch.compile runs it eagerly (a graph break)
 # rather than tracing it.
 @torch.compiler.disable
 def _fused_linear_kd_loss(
     student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
     teacher_bias, num_items_in_batch, teacher, config: KDConfig, chunk_size, memory_budget,
-    return_components,
+    return_components, process_group=None,
 ):  # fmt: skip
     """fused_linear_kd_loss with its options already in a validated config."""
+    if process_group is not None:
+        return _fused_linear_vocab_parallel(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            student_bias, teacher_bias, num_items_in_batch, teacher, config, chunk_size,
+            memory_budget, return_components, process_group,
+        )  # fmt: skip
     _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher)
     if teacher is not None:
         return _fused_linear_topk_loss(
@@ -143,18 +158,18 @@ def _fused_linear_kd_loss(
     check_dense_options(config)
     check_head("student_", student_hidden, student_weight, student_bias)
     check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
-    _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight)
+    V = _check_pair(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                    config.vocab_size)  # fmt: skip
     check_bias("student_", student_weight, student_bias)
     check_bias("teacher_", teacher_weight, teacher_bias)
     device = student_hidden.device
     s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = autocast_cast(
         device,
-        (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
-         teacher_bias),
+        (student_hidden, *_vocab_rows(config, student_weight, student_bias), teacher_hidden,
+         *_vocab_rows(config, teacher_weight, teacher_bias)),
     )  # fmt: skip
     check_head_dtypes("student_", s_hidden, s_weight, s_bias)
     check_head_dtypes("teacher_", t_hidden, t_weight, t_bias)
-    V = s_weight.shape[0]
     check_labels(labels, s_hidden.shape[:-1], V, device, config)
     num_items = check_num_items(num_items_in_batch, device)
     logits_dtype = torch.promote_types(wide_dtype(s_hidden.dtype), wide_dtype(t_hidden.dtype))
@@ -184,13 +199,12 @@ def _fused_linear_topk_loss(
     a chunk, the teacher read as its pairs."""
     check_head("student_", student_hidden, student_weight, student_bias)
     check_bias("student_", student_weight, student_bias)
-    V = student_weight.shape[0]
-    if V == 0:
-        raise ValueError("student_weight has an empty vocabulary dimension (V = 0)")
+    V = check_vocab_widths(config.vocab_size, "rows", student_weight=student_weight.shape[0])
     device = student_hidden.device
     check_topk_teacher(teacher, student_hidden.shape[:-1], V, device)
-    s_hidden, s_weight, s_bias = autocast_cast(device, (student_hidden, student_weight,
-                                                        student_bias))  # fmt: skip
+    s_hidden, s_weight, s_bias = autocast_cast(
+        device, (student_hidden, *_vocab_rows(config, student_weight, student_bias))
+    )
     check_head_dtypes("student_", s_hidden, s_weight, s_bias)
     check_labels(labels, s_hidden.shape[:-1], V, device, config)
     num_items = check_num_items(num_items_in_batch, device)
@@ -213,6 +227,45 @@ def _fused_linear_topk_loss(
     return loss
 
 
+def _fused_linear_vocab_parallel(
+    student_hidden, student_weight, teacher_hidden, teacher_weight, labels, student_bias,
+    teacher_bias, num_items_in_batch, teacher, config: KDConfig, chunk_size, memory_budget,
+    return_components, process_group,
+):  # fmt: skip
+    """design.md §5 with this rank's rows of both LM heads (fastkd/_vocab_parallel_linear.py).
+    This rank's checks run first; a refusal reaches every rank through the first collective."""
+    refused, num_items, chunk_rows = None, None, 1
+    try:
+        _check_teacher_given(teacher_hidden, teacher_weight, teacher_bias, teacher)
+        check_head("student_", student_hidden, student_weight, student_bias)
+        check_bias("student_", student_weight, student_bias)
+        check_head_dtypes("student_", student_hidden, student_weight, student_bias)
+        rows = student_weight.shape[0]
+        if teacher is None:
+            check_head("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+            check_bias("teacher_", teacher_weight, teacher_bias)
+            check_head_dtypes("teacher_", teacher_hidden, teacher_weight, teacher_bias)
+            if teacher_weight.shape[0] != rows:
+                raise ValueError(
+                    f"with process_group, this rank's student_weight and teacher_weight must "
+                    f"hold the same vocabulary rows, got {rows} and {teacher_weight.shape[0]}"
+                )
+        num_items = check_num_items(num_items_in_batch, student_hidden.device)
+        n_rows = student_hidden.numel() // student_hidden.shape[-1] if student_hidden.shape[-1] \
+            else 0  # fmt: skip
+        chunk_rows = loss_chunk_rows(n_rows, max(rows, 1), torch.float32, "cpu", chunk_size,
+                                     memory_budget, student_hidden.device)  # fmt: skip
+    except (ValueError, TypeError) as error:
+        refused = error
+    loss, kd, ce = fused_linear_vocab_parallel(
+        config, process_group, chunk_rows, student_hidden, student_weight, student_bias,
+        teacher_hidden, teacher_weight, teacher_bias, teacher, labels, num_items, refused,
+    )  # fmt: skip
+    if return_components:
+        return KDLossOutput(loss, kd, ce)
+    return loss
+
+
 class FusedLinearKDLoss(nn.Module):
     """KDLoss from hidden states and LM-head weights: the logits are never held whole.
 
@@ -228,7 +281,16 @@ class FusedLinearKDLoss(nn.Module):
         kd_weight, ce_weight, ignore_index, reduction, backend: exactly as for
             :class:`fastkd.KDLoss` (``backend="auto"``: the Triton kernel on CUDA; on CPU the
             C++ kernel once built, else the reference chunk by chunk).
+        vocab_size: the true vocabulary V: only the first V rows of each LM-head weight (and
+            bias) count, so that heads padded to different row counts (Qwen2.5-7B's 152064
+            against Qwen2.5-0.5B's 151936) can be distilled; the padding rows get a
+            gradient of exactly 0. Without it, both weights must have the same rows.
         chunk_size: at most this many rows (tokens) per chunk.
+        process_group (None): vocab-parallel (design.md §5): each rank passes its
+            contiguous rows of both LM-head weights (and biases), as Megatron's
+            ColumnParallelLinear holds them, and the whole hidden states; the loss is the
+            whole vocabulary's on every rank, each weight gets its rows' gradient and the
+            hidden states' gradient is summed over the ranks (docs/distributed.md).
         memory_budget: bytes a chunk's logits-sized buffers may take (both models' logits,
             in float32); sets the chunk's rows. With neither option, the budget is a quarter
             of the free CUDA memory, or 256 MiB on CPU.
@@ -236,11 +298,12 @@ class FusedLinearKDLoss(nn.Module):
     Forward: ``(student_hidden (..., H_s), student_weight (V, H_s), teacher_hidden
     (..., H_t), teacher_weight (V, H_t), labels=None, student_bias=None, teacher_bias=None,
     num_items_in_batch=None, *, teacher=None, return_components=False)``. H_s and H_t may
-    differ; V must match. A teacher seen only through its top-k log-probabilities comes as
-    ``teacher=`` a :class:`fastkd.TopKTeacher` (..., K) instead of its hidden states and
-    weight (``labels=`` then by keyword): three matmuls a chunk instead of four, and the
-    top-k options of :class:`fastkd.KDLoss` apply. Hidden, weight and bias of one model
-    share a dtype (as for nn.Linear); under torch.autocast they are cast like nn.Linear's.
+    differ; V must match, or ``vocab_size`` be given. A teacher seen only through its top-k
+    log-probabilities comes as ``teacher=`` a :class:`fastkd.TopKTeacher` (..., K) instead of
+    its hidden states and weight (``labels=`` then by keyword): three matmuls a chunk instead
+    of four, and the top-k options of :class:`fastkd.KDLoss` apply. Hidden, weight and bias of
+    one model share a dtype (as for nn.Linear); under torch.autocast they are cast like
+    nn.Linear's.
     KDLoss's ``inplace_backward`` has no counterpart: the chunk's logits are always
     overwritten by their gradient.
 
@@ -257,6 +320,7 @@ class FusedLinearKDLoss(nn.Module):
         *,
         chunk_size: int | None = None,
         memory_budget: int | None = None,
+        process_group=None,
         **options: Unpack[KDOptions],
     ) -> None:
         super().__init__()
@@ -264,6 +328,7 @@ class FusedLinearKDLoss(nn.Module):
         check_chunking(chunk_size, memory_budget)
         self.chunk_size = chunk_size
         self.memory_budget = memory_budget
+        self.process_group = process_group
 
     def forward(
         self,
@@ -283,7 +348,7 @@ class FusedLinearKDLoss(nn.Module):
         return _fused_linear_kd_loss(
             student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
             student_bias, teacher_bias, num_items_in_batch, teacher, self.config,
-            self.chunk_size, self.memory_budget, return_components,
+            self.chunk_size, self.memory_budget, return_components, self.process_group,
         )  # fmt: skip
 
     def extra_repr(self) -> str:

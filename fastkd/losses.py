@@ -12,8 +12,16 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
-from . import _backends, _ops
-from ._config import KDConfig, KDOptions, check_flags, check_labels, check_logits, check_num_items
+from . import _backends, _ops, _vocab_parallel, distributed
+from ._config import (
+    KDConfig,
+    KDOptions,
+    check_flags,
+    check_float_tensor,
+    check_labels,
+    check_logits,
+    check_num_items,
+)
 from .reference import reference_loss
 from .topk import TopKTeacher
 from .topk_reference import check_topk_inputs, topk_reference_loss
@@ -39,6 +47,7 @@ def kd_loss(
     divergence: str = "forward_kl",
     num_items_in_batch: int | float | Tensor | None = None,
     return_components: bool = False,
+    process_group=None,
     **options: Unpack[KDOptions],
 ) -> Tensor | KDLossOutput:
     """Knowledge-distillation loss between student and teacher logits of shape (..., V).
@@ -51,26 +60,37 @@ def kd_loss(
     config = KDConfig.from_options(divergence, **options)
     check_flags(return_components=return_components)
     return _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config,
-                    return_components)  # fmt: skip
+                    return_components, process_group)  # fmt: skip
 
 
 def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config: KDConfig,
-             return_components: bool):  # fmt: skip
+             return_components: bool, process_group=None):  # fmt: skip
     """kd_loss with its options already in a validated config."""
+    student_logits, teacher_logits, labels, process_group = distributed.as_local_shards(
+        student_logits, teacher_logits, labels, process_group
+    )
+    if process_group is not None:
+        return _vocab_parallel_kd_loss(student_logits, teacher_logits, labels,
+                                       num_items_in_batch, config, return_components,
+                                       process_group)  # fmt: skip
     topk = isinstance(teacher_logits, TopKTeacher)
     if topk:
-        check_topk_inputs(student_logits, teacher_logits)
+        V = check_topk_inputs(student_logits, teacher_logits, config.vocab_size)
         dtype = student_logits.dtype
     else:
         check_dense_options(config)
-        check_logits(student_logits, teacher_logits)
+        V = check_logits(student_logits, teacher_logits, config.vocab_size)
         dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
-                 student_logits.device, config)  # fmt: skip
+    check_labels(labels, student_logits.shape[:-1], V, student_logits.device, config)
     num_items = check_num_items(num_items_in_batch, student_logits.device)
     config = config.with_backend(_backends.resolve(config.backend, student_logits.device, dtype))
     teacher = teacher_logits.detach()
 
+    # The logits go on whole, padding columns included, and the spec and the ops each take
+    # the first vocab_size columns with KDConfig.vocab_view. Slicing here instead would put
+    # the ops behind an autograd slice, whose backward pads their gradient into a second
+    # N x V buffer (defeating inplace_backward) and leaves the student's padding columns
+    # holding logits after an in-place forward; the ops write those columns' 0 themselves.
     if config.backend == "torch":
         spec_loss = topk_reference_loss if topk else reference_loss
         loss, kd, ce = spec_loss(student_logits, teacher, labels, num_items, config)
@@ -83,6 +103,41 @@ def _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, config:
         )
         if not config.has_ce:
             ce = None
+    if return_components:
+        return KDLossOutput(loss, kd, ce)
+    return loss
+
+
+def _vocab_parallel_kd_loss(student_logits, teacher_logits, labels, num_items_in_batch,
+                            config: KDConfig, return_components: bool, process_group):  # fmt: skip
+    """design.md §5: this rank's vocabulary shards; the loss of the whole vocabulary."""
+
+    def check_this_rank():
+        # Run inside the handshake: a rank whose inputs are refused tells the others, so
+        # that every rank raises instead of the others waiting in a collective.
+        if topk:
+            check_float_tensor("student_logits", student_logits)
+            if student_logits.dim() == 0:
+                raise ValueError("student_logits must have a vocabulary dimension")
+            return check_num_items(num_items_in_batch, student_logits.device)
+        check_dense_options(config)
+        widths = [x.shape[-1] for x in (student_logits, teacher_logits)
+                  if isinstance(x, Tensor) and x.dim() > 0]  # fmt: skip
+        if len(widths) == 2 and widths[0] != widths[1]:
+            # vocab_size is the whole vocabulary's here, not a shard's: no padding to drop.
+            raise ValueError(
+                f"with process_group, this rank's student_logits and teacher_logits shards must "
+                f"have the same width, got {widths[0]} and {widths[1]}"
+            )
+        check_logits(student_logits, teacher_logits, allow_empty=True)
+        return check_num_items(num_items_in_batch, student_logits.device)
+
+    topk = isinstance(teacher_logits, TopKTeacher)
+    run = _vocab_parallel.topk_vocab_parallel_loss if topk else _vocab_parallel.vocab_parallel_loss
+    loss, kd, ce = run(
+        student_logits, teacher_logits, labels, config, process_group, check_this_rank
+    )
+    kd, ce = kd.detach(), None if ce is None else ce.detach()
     if return_components:
         return KDLossOutput(loss, kd, ce)
     return loss
@@ -144,21 +199,39 @@ class KDLoss(nn.Module):
             ``"sum"``, ``"batchmean"`` (sum / student_logits.size(0), torch's KLDivLoss
             meaning) or ``"none"`` (one loss per row, shaped like the leading dims).
         inplace_backward (False): write the gradient over the student logits instead of a new
-            N x V buffer (the student logits' values are gone after the forward). Kernel
-            backends only: the ``"torch"`` reference materialises anyway and ignores it.
+            N x V buffer (the student logits' values are gone after the forward; with
+            ``vocab_size``, the padding columns hold their gradient, 0). Kernel backends
+            only: the ``"torch"`` reference materialises anyway and ignores it.
+        vocab_size (None): the true vocabulary V: only the first V columns of each logits
+            tensor count, the rest (padded embeddings: Qwen2.5-7B's 152064 columns against
+            Qwen2.5-0.5B's 151936) are ignored as if -inf, read in place (no copy), and get a
+            gradient of exactly 0. Student and teacher may then differ in width; without
+            it, they must not. Labels (and a top-k teacher's ids) must be < V.
         backend ("auto"): ``"auto"`` (the C++ kernel for CPU tensors, Triton for CUDA tensors, the
             PyTorch reference for float64 or when neither is available; the environment
             variable ``FASTKD_BACKEND`` replaces it), ``"triton"``, ``"cuda"`` (the CUDA
             kernel of fastkd._C), ``"cpu"`` (its C++ CPU kernel) or ``"torch"``.
+        process_group (None): vocab-parallel (design.md §5, docs/distributed.md): each rank
+            of this torch.distributed group passes its contiguous vocabulary shard of both
+            logits (shards in rank order, widths may differ) and the same global labels; the
+            loss is the whole vocabulary's, the same on every rank, and its backward gives
+            each rank its shard's gradient. DTensor logits sharded on the last dimension
+            need no process_group. The ranks exchange O(N) floats a call.
 
     Forward: ``(student_logits, teacher_logits, labels=None, *, num_items_in_batch=None,
-    return_components=False)``. Logits are (..., V), float32/bfloat16/float16; labels are
-    integers shaped like the leading dims. The teacher logits are detached.
+    return_components=False)``. Logits are (..., V) (or wider, with ``vocab_size``),
+    float32/bfloat16/float16; labels are integers shaped like the leading dims. The teacher
+    logits are detached.
     """
 
-    def __init__(self, divergence: str = "forward_kl", **options: Unpack[KDOptions]) -> None:
+    def __init__(
+        self, divergence: str = "forward_kl", *, process_group=None, **options: Unpack[KDOptions]
+    ) -> None:
         super().__init__()
         self.config = KDConfig.from_options(divergence, **options)
+        # A layout, not an option of the loss's math: kept beside the config, not in it (a
+        # process group is no op argument, and the config's fields are).
+        self.process_group = process_group
 
     def forward(
         self,
@@ -171,7 +244,7 @@ class KDLoss(nn.Module):
     ) -> Tensor | KDLossOutput:
         check_flags(return_components=return_components)
         return _kd_loss(student_logits, teacher_logits, labels, num_items_in_batch, self.config,
-                        return_components)  # fmt: skip
+                        return_components, self.process_group)  # fmt: skip
 
     def extra_repr(self) -> str:
         return self.config.describe()

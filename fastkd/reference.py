@@ -133,6 +133,10 @@ def reference_loss(
     config: KDConfig,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`kd_loss_reference` with its options in a config: the spec itself."""
+    # Only the first vocab_size columns are the vocabulary (design.md §5): the padding ones are
+    # left out of both softmaxes, as if -inf, and autograd gives them a zero gradient.
+    student_logits = config.vocab_view(student_logits)
+    teacher_logits = config.vocab_view(teacher_logits)
     temperature, softcap = config.temperature, config.softcap
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(compute_dtype)

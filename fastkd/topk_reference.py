@@ -62,6 +62,7 @@ from ._config import (
     check_labels,
     check_num_items,
     check_values,
+    check_vocab_widths,
 )
 from .reference import divergence_per_row, reduce_reference
 from .topk import TopKTeacher
@@ -84,23 +85,24 @@ def topk_loss_reference(
     Every argument is checked: a clear error naming it.
     """
     config = KDConfig.from_options(divergence, **options)
-    check_topk_inputs(student_logits, teacher)
-    check_labels(labels, student_logits.shape[:-1], student_logits.shape[-1],
-                 student_logits.device, config)  # fmt: skip
+    V = check_topk_inputs(student_logits, teacher, config.vocab_size)
+    check_labels(labels, student_logits.shape[:-1], V, student_logits.device, config)
     num_items = check_num_items(num_items_in_batch, student_logits.device)
     return topk_reference_loss(student_logits, teacher, labels, num_items, config)
 
 
-def check_topk_inputs(student_logits: Tensor, teacher: TopKTeacher) -> None:
+def check_topk_inputs(
+    student_logits: Tensor, teacher: TopKTeacher, vocab_size: int | None = None
+) -> int:
     """The student logits (..., V) and a TopKTeacher (..., K) that fits them: K <= V, real
-    ids in [0, V) and distinct within their row (at once on CPU, with the op elsewhere)."""
+    ids in [0, V) and distinct within their row (at once on CPU, with the op elsewhere).
+    V is ``vocab_size`` when given (the student may be wider), and is returned."""
     check_float_tensor("student_logits", student_logits)
     if student_logits.dim() == 0:
         raise ValueError("student_logits must have a vocabulary dimension, got a 0-d tensor")
-    V = student_logits.shape[-1]
-    if V == 0:
-        raise ValueError("student_logits has an empty vocabulary dimension (V = 0)")
+    V = check_vocab_widths(vocab_size, "columns", student_logits=student_logits.shape[-1])
     check_topk_teacher(teacher, student_logits.shape[:-1], V, student_logits.device)
+    return V
 
 
 def check_topk_teacher(
@@ -128,8 +130,8 @@ def check_topk_teacher(
     ids = teacher.token_ids
     check_values(
         ~live | ((ids >= 0) & (ids < V)),
-        f"teacher.token_ids must lie in [0, {V}) (the student's vocabulary) on every pair "
-        f"that is not padding",
+        f"teacher.token_ids must lie in [0, {V}) (the student's vocabulary, or vocab_size) "
+        f"on every pair that is not padding",
     )
     check_values(
         _distinct_in_rows(ids, live),
@@ -292,6 +294,8 @@ def topk_reference_loss(
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """:func:`topk_loss_reference` with its options in a config and its inputs checked
     (``num_items_in_batch`` as :func:`fastkd._config.check_num_items` returns it)."""
+    # Padding columns past vocab_size (design.md §5) are not part of the student's softmax.
+    student_logits = config.vocab_view(student_logits)
     compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
     s = student_logits.to(compute_dtype)
     lead_shape = s.shape[:-1]

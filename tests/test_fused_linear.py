@@ -447,7 +447,7 @@ def _bad_call(**changes):
 @pytest.mark.parametrize(
     "changes,error,match",
     [
-        (dict(teacher_weight=torch.randn(V + 1, H_T)), ValueError, "vocabulary size"),
+        (dict(teacher_weight=torch.randn(V + 1, H_T)), ValueError, "teacher_weight .*vocab_size="),
         (dict(student_weight=torch.randn(V, H_S + 1)), ValueError, "student_weight has hidden"),
         (dict(teacher_hidden=torch.randn(N_ROWS + 1, H_T)), ValueError, "leading shape"),
         (dict(student_bias=torch.randn(V + 2)), ValueError, "student_bias must have shape"),

@@ -29,7 +29,8 @@ def _raises(error, match, *args, **kwargs):
 
 def test_mismatched_vocabulary():
     s, _ = _inputs((4, 10))
-    _raises(ValueError, "vocabulary size", s, torch.randn(4, 11))
+    match = "10 columns and teacher_logits 11: pass vocab_size=10"
+    _raises(ValueError, match, s, torch.randn(4, 11))
 
 
 def test_mismatched_leading_shape():

@@ -1,0 +1,96 @@
+"""FusedLinearKDLoss with a vocab-parallel LM head (design.md §5) on 2 gloo ranks, each
+holding its rows of both weights (and the student's bias), against the float64 loss on the
+whole head: the loss, and the gradients of the hidden states, the weight and the bias."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.distributed as dist
+from distributed_testing import run_ranks
+from kd_testing import make_labels, rel_err
+from test_topk_loss import make_teacher
+
+import fastkd
+from fastkd.distributed import count_collectives
+
+LEAD, H_S, H_T = (3, 4), 8, 6
+SEED = random.randrange(1 << 30)
+
+
+def _inputs(seed, case, V):
+    g = torch.Generator().manual_seed(seed + case["id"])
+    n = LEAD[0] * LEAD[1]
+    h_s = torch.randn(*LEAD, H_S, generator=g)
+    w_s = torch.randn(V, H_S, generator=g)
+    b_s = torch.randn(V, generator=g)
+    h_t = torch.randn(*LEAD, H_T, generator=g)
+    w_t = torch.randn(V, H_T, generator=g) * 1.5
+    labels = make_labels(LEAD, V, "some", g, "cpu") if case.get("ce_weight") else None
+    teacher = None
+    if case.get("topk"):
+        teacher = make_teacher(n, V, 5, g)
+        teacher = fastkd.TopKTeacher(teacher.token_ids.reshape(*LEAD, 5),
+                                     teacher.logprobs.reshape(*LEAD, 5),
+                                     teacher.mask.reshape(*LEAD, 5))  # fmt: skip
+    weight = 0.5 + torch.rand(LEAD if case.get("reduction") == "none" else (), generator=g)
+    return h_s, w_s, b_s, h_t, w_t, labels, teacher, weight
+
+
+def _options(case):
+    return {k: v for k, v in case.items() if k not in ("id", "topk")}
+
+
+def _rank_cases(rank, world, seed, widths, cases):
+    out = []
+    lo = sum(widths[:rank])
+    rows = slice(lo, lo + widths[rank])
+    for case in cases:
+        h_s, w_s, b_s, h_t, w_t, labels, teacher, weight = _inputs(seed, case, sum(widths))
+        h = h_s.clone().requires_grad_(True)
+        w = w_s[rows].clone().requires_grad_(True)
+        b = b_s[rows].clone().requires_grad_(True)
+        loss_fn = fastkd.FusedLinearKDLoss(process_group=dist.group.WORLD, chunk_size=5,
+                                           **_options(case))  # fmt: skip
+        with count_collectives() as log:
+            if teacher is None:
+                loss = loss_fn(h, w, h_t, w_t[rows], labels, student_bias=b)
+            else:
+                loss = loss_fn(h, w, labels=labels, student_bias=b, teacher=teacher)
+            (loss * weight).sum().backward()
+        out.append({"loss": loss.detach(), "h": h.grad, "w": w.grad, "b": b.grad,
+                    "bytes": log.bytes})  # fmt: skip
+    return out
+
+
+CASES = [
+    {"divergence": "forward_kl", "ce_weight": 0.5, "temperature": 2.0},
+    {"divergence": "jsd", "reduction": "none"},
+    {"divergence": "reverse_kl", "reduction": "sum", "softcap": 10.0},
+    {"divergence": "forward_kl", "topk": True, "topk_tail": "bucket", "ce_weight": 0.3},
+]
+for n, c in enumerate(CASES):
+    c["id"] = n
+
+
+def test_fused_linear_two_ranks(tmp_path):
+    widths = (19, 30)
+    results = run_ranks(2, _rank_cases, tmp_path, SEED, widths, CASES)
+    for i, case in enumerate(CASES):
+        h_s, w_s, b_s, h_t, w_t, labels, teacher, weight = _inputs(SEED, case, sum(widths))
+        h, w, b = (x.double().requires_grad_(True) for x in (h_s, w_s, b_s))
+        student = h @ w.T + b
+        opts = _options(case)
+        if teacher is None:
+            ref = fastkd.kd_loss(student, h_t.double() @ w_t.double().T, labels, **opts)
+        else:
+            ref = fastkd.kd_loss(student, teacher, labels, backend="torch", **opts)
+        (ref * weight.double()).sum().backward()
+        msg = f"case {case} seed {SEED}"
+        for r in results:
+            assert rel_err(r[i]["loss"], ref) <= 1e-5, msg
+            assert rel_err(r[i]["h"], h.grad) <= 1e-5, msg  # summed over the ranks
+            assert r[i]["bytes"] < 4 * sum(widths) * h_s.numel(), msg
+        assert rel_err(torch.cat([r[i]["w"] for r in results]), w.grad) <= 1e-5, msg
+        assert rel_err(torch.cat([r[i]["b"] for r in results]), b.grad) <= 1e-5, msg
