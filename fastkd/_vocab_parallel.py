@@ -26,8 +26,9 @@ it, so that the others do not wait for it in a collective.
 These phases run in PyTorch on the shard, in float64 chunks: element-wise PyTorch in float32
 lost a decade against the kernels' fused formulas (jsd gradients 3e-5 off the float64 spec,
 where design.md §2 allows 1e-5), and float64 costs this memory-bound walk little. The loss is
-returned in float32, the gradient in the logits' dtype. The kernels' own statistics and
-finishing phases are the next step (docs/distributed.md).
+returned in float32, the gradient in the logits' dtype. On the Triton backend (auto's choice
+for CUDA tensors) the phases are the split-V kernels instead (fastkd/triton/kd_vocab_parallel.py,
+_kernel_phases_loss): float32 partials of 7 floats a row, as in one process.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from torch import Tensor
 from ._config import KDConfig, check_labels
 from .reference import divergence_log_q_grad, divergence_per_row, reduce_reference
 
+# How the dense phases run: Triton kernels (backend "triton") or PyTorch in float64 (every
+# other backend); the ranks must agree, since what they gather differs.
+KERNEL_PHASES, FLOAT64_PHASES = "triton-kernels", "float64"
 # The divergences whose loss comes out of phase 1 (their cross term), design.md §3.
 ONE_ROUND = ("forward_kl", "soft_ce", "reverse_kl")
 # Entries of one float64 temporary per chunk of rows: 2^20 (8 MiB).
@@ -106,9 +110,10 @@ def all_gather(x: Tensor, group, name: str) -> Tensor:
 # --- the handshake ------------------------------------------------------------------------
 
 
-def _options_code(config: KDConfig) -> int:
-    # The backend and inplace_backward may differ between ranks; nothing else may.
-    text = config.describe(backend=None, inplace_backward=None)
+def _options_code(config: KDConfig, phases: str) -> int:
+    # The backend and inplace_backward may differ between ranks; nothing else may, nor the
+    # phases' implementation (what the ranks gather differs between them).
+    text = config.describe(backend=None, inplace_backward=None, phases=phases)
     return zlib.crc32(text.encode())
 
 
@@ -134,6 +139,7 @@ def shard_layout(
     group,
     refused: BaseException | None = None,
     teacher=None,
+    phases: str = "",
 ) -> ShardLayout:
     """The handshake: every rank's rows, width, labels and options, checked to agree.
     ``refused``: this rank's own inputs failed their checks; it raises that error, and every
@@ -148,7 +154,7 @@ def shard_layout(
             student.shape[-1],
             labels is not None,
             _labels_code(labels, teacher),
-            _options_code(config),
+            _options_code(config, phases),
             -1 if vocab_size is None else vocab_size,
             zlib.crc32(str(student.dtype).encode()),
         ],
@@ -188,7 +194,8 @@ def _disagreement(name: str, values: list, table: Tensor) -> str:
         "rows": "the logits' leading shape (rows: every rank holds every row of its shard)",
         "has_labels": "whether labels are given",
         "labels": "the labels or the top-k teacher (they are global: every rank passes the same)",
-        "options": "the loss's options (divergence, temperature, weights, reduction, ...)",
+        "options": "the loss's options (divergence, temperature, weights, reduction, ...) or "
+        "the phases' implementation (Triton kernels on every rank, or on none: backend=)",
         "vocab_size": "vocab_size",
         "dtype": "the logits' dtype",
     }[name]
@@ -394,14 +401,16 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     (..., V_r); labels global. ``check_this_rank()`` validates this rank's inputs and returns
     num_items_in_batch as a tensor. The loss is the whole loss, the same on every rank; its
     backward gives this rank's shard of the gradient."""
-    refused, num_items = None, None
+    from . import _backends
+
+    refused, num_items, phases = None, None, FLOAT64_PHASES
     try:
         num_items = check_this_rank()
+        if _backends.resolve(config.backend, student.device, student.dtype) == "triton":
+            phases = KERNEL_PHASES
     except (ValueError, TypeError, NotImplementedError) as error:
         refused = error
-    layout = shard_layout(
-        student, labels, config, getattr(config, "vocab_size", None), group, refused
-    )
+    layout = shard_layout(student, labels, config, config.vocab_size, group, refused, phases=phases)
     lead = student.shape[:-1]
     check_labels(labels, lead, layout.total, student.device, config)
     teacher = teacher.detach()
@@ -413,6 +422,9 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     keep = torch.ones(n, dtype=torch.bool, device=student.device)
     if flat_labels is not None:
         keep = flat_labels != config.ignore_index
+    if phases == KERNEL_PHASES:
+        return _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items,
+                                   config, layout)  # fmt: skip
     # float64: the phases are PyTorch element-wise code, whose float32 q g - q S lost a decade
     # of accuracy against the kernels' fused formulas (jsd gradients 1e-5 off); see the docstring.
     dtype = torch.float64
@@ -453,6 +465,49 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     _phase3(s_rows, t_rows, flat_labels, keep, config, layout, st, s_sum, row_factor, grad,
             dtype)  # fmt: skip
     deferred = factor if defer else torch.ones((), dtype=dtype, device=student.device)
+    loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
+    return loss, kd, ce
+
+
+def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, config, layout):
+    """vocab_parallel_loss with the phases as Triton kernels (fastkd/triton/kd_vocab_parallel.py):
+    float32 partials and gradient, as the one-process split kernels."""
+    from .triton.kd_vocab_parallel import shard_rows
+
+    lead, width, n = student.shape[:-1], student.shape[-1], s_rows.shape[0]
+    wants_grad = student.requires_grad and torch.is_grad_enabled()
+    size0 = student.shape[0] if student.dim() > 1 else 1
+    factor = _reduction_factor(config, keep, num_items, size0, torch.float32)
+    # float16 takes the factor in the backward (see _ops._defers_factor).
+    defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
+    grad = None
+    if wants_grad:
+        if config.inplace_backward:
+            grad = student.detach().reshape(n, width)
+        else:
+            grad = torch.empty(n, width, dtype=student.dtype, device=student.device)
+        if layout.used < width:
+            grad[:, layout.used :] = 0  # vocab_size's padding
+    s_rows, t_rows = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+                      for x in (s_rows, t_rows))  # fmt: skip
+    rows = shard_rows(
+        s_rows, t_rows, flat_labels, None if grad is None else grad[:, : layout.used],
+        torch.ones_like(factor) if defer else factor, config, layout.offset,
+        lambda x, name: all_gather(x, layout.group, name),
+    )  # fmt: skip
+    kd_rows = torch.where(keep, config.t_squared * rows.kd_per_row.double(), 0.0)
+    ce_rows = None
+    if config.has_ce and flat_labels is not None:
+        ce_rows = torch.where(keep, rows.ce_per_row.double(), 0.0)
+    loss, kd, ce = reduce_reference(
+        student, kd_rows.reshape(lead), None if ce_rows is None else ce_rows.reshape(lead),
+        keep.reshape(lead), num_items, config,
+    )  # fmt: skip
+    loss, kd = loss.float(), kd.float()
+    ce = None if ce is None else ce.float()
+    if grad is None:
+        return loss, kd, ce
+    deferred = factor if defer else torch.ones((), dtype=torch.float32, device=student.device)
     loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
     return loss, kd, ce
 

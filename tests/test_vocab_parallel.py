@@ -40,7 +40,7 @@ def _inputs(seed: int, case: dict, V: int):
 def _options(case: dict) -> dict:
     keys = ("divergence", "temperature", "ce_weight", "softcap", "reduction", "kd_weight",
             "scale_by_temperature_squared", "inplace_backward", "beta", "alpha",
-            "vocab_size")  # fmt: skip
+            "vocab_size", "backend")  # fmt: skip
     return {k: case[k] for k in keys if k in case}
 
 
@@ -74,6 +74,7 @@ def _reference(case, s, t, labels, weight):
     opts = _options(case)
     opts.pop("inplace_backward", None)
     opts.pop("vocab_size", None)
+    opts.pop("backend", None)
     ref, _, _ = fastkd.kd_loss_reference(
         s64[..., :V], t.double()[..., :V], labels, num_items_in_batch=case.get("num_items"),
         **opts,
@@ -147,7 +148,22 @@ CASES_3 = _cases_every_divergence({"temperature": 1.5}) + [
     {"divergence": "forward_kl", "vocab_size": 40, "ce_weight": 0.5},
     {"divergence": "tvd", "reduction": "sum", "labels": "none"},
 ]
-for n, c in enumerate(CASES_2 + CASES_3):
+# backend="triton": the phases as fastkd/triton/kd_vocab_parallel.py's kernels (under
+# TRITON_INTERPRET=1 here), every divergence and the options that change their code paths.
+CASES_TRITON_2 = _cases_every_divergence({"backend": "triton"}) + [
+    {"divergence": "jsd", "reduction": "none", "beta": 0.3, "labels": "none"},
+    {"divergence": "reverse_kl", "ce_weight": 1.0, "labels_in": (0, 19)},
+    {"divergence": "forward_kl", "dtype": "bfloat16", "ce_weight": 0.5, "inplace_backward": True},
+    {"divergence": "tvd", "dtype": "float16", "ce_weight": 0.2},
+    {"divergence": "skew_forward_kl", "vocab_size": 44, "ce_weight": 0.5, "num_items": 7.5},
+]
+for c in CASES_TRITON_2[len(DIVERGENCES) :]:
+    c["backend"] = "triton"
+CASES_TRITON_3 = [
+    {"divergence": "forward_kl", "vocab_size": 40, "ce_weight": 0.5, "backend": "triton"},
+    {"divergence": "tvd", "softcap": 20.0, "ce_weight": 0.3, "backend": "triton"},
+]
+for n, c in enumerate(CASES_2 + CASES_3 + CASES_TRITON_2 + CASES_TRITON_3):
     c["id"] = n
 
 
@@ -160,6 +176,28 @@ def test_three_ranks_one_empty_shard(tmp_path):
     # The middle rank holds no column at all: its statistics are empty sums.
     widths = (12, 0, 37)
     _check(run_ranks(3, _rank_cases, tmp_path, SEED, widths, CASES_3), CASES_3, widths)
+
+
+def _triton_or_skip():
+    from fastkd import _backends
+
+    ok, why = _backends.is_available("triton", torch.device("cpu"))
+    if not ok:
+        pytest.skip(f"the gloo ranks run on CPU tensors: {why}")
+
+
+def test_two_ranks_triton_kernel_phases(tmp_path):
+    _triton_or_skip()
+    widths = (19, 30)
+    results = run_ranks(2, _rank_cases, tmp_path, SEED, widths, CASES_TRITON_2)
+    _check(results, CASES_TRITON_2, widths)
+
+
+def test_three_ranks_triton_kernel_phases_one_empty_shard(tmp_path):
+    _triton_or_skip()
+    widths = (12, 0, 37)
+    results = run_ranks(3, _rank_cases, tmp_path, SEED, widths, CASES_TRITON_3)
+    _check(results, CASES_TRITON_3, widths)
 
 
 # --- errors: the same ValueError on every rank, never a hang ---------------------------------
@@ -219,6 +257,26 @@ def test_disagreements_are_errors_on_every_rank(tmp_path):
                                                                      "cpu", g)  # fmt: skip
     ref = fastkd.kd_loss(s.double(), t.double())
     assert abs(float(results[0]["after"]) - float(ref)) <= 1e-5 * abs(float(ref))
+
+
+def _rank_mixed_phases(rank, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    s, t = make_logits((6, 20), torch.float32, "cpu", g), make_logits((6, 20), torch.float32,
+                                                                     "cpu", g)  # fmt: skip
+    shard = slice(rank * 10, rank * 10 + 10)
+    try:
+        fastkd.kd_loss(s[:, shard], t[:, shard], backend="triton" if rank == 0 else "cpu",
+                       process_group=dist.group.WORLD)  # fmt: skip
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_kernel_phases_on_some_ranks_only_is_an_error(tmp_path):
+    # What the ranks gather differs between the Triton phases and the float64 ones.
+    _triton_or_skip()
+    for message in run_ranks(2, _rank_mixed_phases, tmp_path, SEED):
+        assert "phases' implementation" in message, message
 
 
 # --- DTensor logits (torchtitan's loss_parallel layout) --------------------------------------

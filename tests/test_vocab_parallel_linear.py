@@ -13,6 +13,7 @@ from kd_testing import make_labels, rel_err
 from test_topk_loss import make_teacher
 
 import fastkd
+from fastkd import _backends
 from fastkd.distributed import count_collectives
 
 LEAD, H_S, H_T = (3, 4), 8, 6
@@ -70,6 +71,9 @@ CASES = [
     {"divergence": "reverse_kl", "reduction": "sum", "softcap": 10.0},
     {"divergence": "forward_kl", "topk": True, "topk_tail": "bucket", "ce_weight": 0.3},
 ]
+if _backends.is_available("triton", torch.device("cpu"))[0]:
+    # The phases as Triton kernels (fastkd/triton/kd_vocab_parallel.py), interpreted here.
+    CASES.append({"divergence": "tvd", "ce_weight": 0.4, "softcap": 10.0, "backend": "triton"})
 for n, c in enumerate(CASES):
     c["id"] = n
 
@@ -81,7 +85,7 @@ def test_fused_linear_two_ranks(tmp_path):
         h_s, w_s, b_s, h_t, w_t, labels, teacher, weight = _inputs(SEED, case, sum(widths))
         h, w, b = (x.double().requires_grad_(True) for x in (h_s, w_s, b_s))
         student = h @ w.T + b
-        opts = _options(case)
+        opts = {k: v for k, v in _options(case).items() if k != "backend"}
         if teacher is None:
             ref = fastkd.kd_loss(student, h_t.double() @ w_t.double().T, labels, **opts)
         else:

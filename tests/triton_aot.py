@@ -26,6 +26,7 @@ ARG_TYPES = {
     "inv_t": "fp32", "softcap": "fp32", "w": "fp32", "one_minus_w": "fp32", "log_w": "fp32",
     "log_1mw": "fp32",
     "kd_grad_coef": "fp32", "ce_weight": "fp32", "ignore_index": "i32",
+    "offset": "i64",
     "grad_output_ptr": "*fp32", "grad_output_row_stride": "i64",
 }  # fmt: skip
 

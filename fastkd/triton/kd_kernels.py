@@ -275,7 +275,7 @@ def _launch_split(launch, n_rows, inputs, outputs, scalars, flags) -> None:
     device = inputs["s_ptr"].device
     stats = torch.empty((n_rows, K, kd_split.STATS), dtype=torch.float32, device=device)
     terms = torch.empty((n_rows, K, kd_split.TERMS), dtype=torch.float32, device=device)
-    row = dict(V=V, chunk=chunk, inv_t=scalars["inv_t"], softcap=scalars["softcap"])
+    row = dict(V=V, chunk=chunk, inv_t=scalars["inv_t"], softcap=scalars["softcap"], offset=0)
     mix = {k: scalars[k] for k in ("w", "one_minus_w", "log_w", "log_1mw")}
     common = dict(DIV=flags["DIV"], HAS_LABELS=flags["HAS_LABELS"], SOFTCAP=flags["SOFTCAP"],
                   BLOCK=block, num_warps=launch.num_warps)  # fmt: skip
@@ -286,7 +286,7 @@ def _launch_split(launch, n_rows, inputs, outputs, scalars, flags) -> None:
     )  # fmt: skip
     if not flags["ONE_PASS_LOSS"]:
         kd_split.kd_split_terms_kernel[(n_rows, K)](
-            **inputs, stats_ptr=stats, terms_ptr=terms, **row, **mix,
+            **inputs, stats_ptr=stats, terms_ptr=terms, K=K, **row, **mix,
             ignore_index=scalars["ignore_index"], KP=KP, **common,
         )  # fmt: skip
     kd_split.kd_split_finish_kernel[(n_rows, K if flags["COMPUTE_GRAD"] else 1)](

@@ -42,11 +42,14 @@ TERMS = tl.constexpr(4)
 
 
 @triton.jit
-def _row_setup(labels_ptr, row, V, ignore_index, HAS_LABELS: tl.constexpr):
-    """(label, ignored, n_cols): an ignored row reads nothing (n_cols = 0)."""
+def _row_setup(labels_ptr, row, V, ignore_index, offset, HAS_LABELS: tl.constexpr):
+    """(label, ignored, n_cols): the label as a column of these logits (the vocabulary's
+    label minus ``offset``, the first column's index: 0 but on a vocab-parallel shard, where
+    it may lie outside the row); an ignored row reads nothing (n_cols = 0)."""
     if HAS_LABELS:
         label = tl.load(labels_ptr + row).to(tl.int64)
         ignored = label == ignore_index
+        label = label - offset
     else:
         label = row * 0 - 1
         ignored = row < 0
@@ -56,22 +59,25 @@ def _row_setup(labels_ptr, row, V, ignore_index, HAS_LABELS: tl.constexpr):
 @triton.jit
 def kd_split_stats_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, labels_ptr, stats_ptr, V, chunk, inv_t,
-    softcap, ignore_index, DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_CE: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
+    softcap, ignore_index, offset, DIV: tl.constexpr, HAS_LABELS: tl.constexpr,
+    HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 over columns [c * chunk, (c + 1) * chunk) of a row: the partial of (row, c)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     s_row = s_ptr + row * s_row_stride
     t_row = t_ptr + row * t_row_stride
-    label, ignored, n_cols = _row_setup(labels_ptr, row, V, ignore_index, HAS_LABELS)
+    label, ignored, n_cols = _row_setup(labels_ptr, row, V, ignore_index, offset, HAS_LABELS)
     out = stats_ptr + (row * tl.num_programs(1) + c) * STATS
+    start0 = c * chunk
 
     s_label = 0.0
     if HAS_CE:
-        # Read here, before the last launch writes any gradient over the row.
-        label_safe = tl.minimum(tl.maximum(label, 0), V - 1)
-        s_label = tl.load(s_row + label_safe).to(tl.float32)
+        # Read here, before the last launch writes any gradient over the row; only by the
+        # chunk that holds the label (0 elsewhere: combine_stats sums the partials).
+        here = (label >= start0) & (label < tl.minimum(start0 + chunk, n_cols))
+        label_safe = tl.minimum(tl.maximum(label, 0), tl.maximum(V - 1, 0))
+        s_label = tl.load(s_row + label_safe, mask=here, other=0.0).to(tl.float32)
         if SOFTCAP:
             s_label = softcap * tanh(s_label / softcap)
 
@@ -81,7 +87,6 @@ def kd_split_stats_kernel(
     z_b = tl.zeros([BLOCK], dtype=tl.float32)
     z_s = tl.zeros([BLOCK], dtype=tl.float32)
     cross = tl.zeros([BLOCK], dtype=tl.float32)
-    start0 = c * chunk
     for start in range(start0, tl.minimum(start0 + chunk, n_cols), BLOCK):
         cols = start + tl.arange(0, BLOCK)
         s, a = load_row_block(s_row, cols, n_cols, inv_t, softcap, SOFTCAP)
@@ -101,7 +106,9 @@ def kd_split_stats_kernel(
 @triton.jit
 def combine_stats(stats_row, K, inv_t, DIV: tl.constexpr, KP: tl.constexpr):
     """A row's K partials combined: (m_s, m_b, z_a, z_b, z_s, cross, s_label), the maxima
-    as pass 1 leaves them (possibly -inf), the cross term relative to the row's maxima."""
+    as pass 1 leaves them (possibly -inf), the cross term relative to the row's maxima. The
+    partials may come from several launches (a vocab-parallel group's ranks, in rank order):
+    the combination only needs them all, in the same order wherever it is done."""
     k = tl.arange(0, KP)
     mask = k < K
     part = stats_row + k * STATS
@@ -134,24 +141,24 @@ def combine_stats(stats_row, K, inv_t, DIV: tl.constexpr, KP: tl.constexpr):
         else:
             cross_k = rebase(cross_k, rescale_a, z_a_k, moved_b - moved_a)
         cross = tl.sum(cross_k, axis=0)
-    s_label = tl.load(stats_row + 6)
+    s_label = tl.sum(tl.load(part + 6, mask=mask, other=0.0), axis=0)
     return m_s, m_b, z_a, z_b, z_s, cross, s_label
 
 
 @triton.jit
 def kd_split_terms_kernel(
-    s_ptr, s_row_stride, t_ptr, t_row_stride, labels_ptr, stats_ptr, terms_ptr, V, chunk,
-    inv_t, softcap, w, one_minus_w, log_w, log_1mw, ignore_index, DIV: tl.constexpr,
+    s_ptr, s_row_stride, t_ptr, t_row_stride, labels_ptr, stats_ptr, terms_ptr, K, V, chunk,
+    inv_t, softcap, w, one_minus_w, log_w, log_1mw, ignore_index, offset, DIV: tl.constexpr,
     HAS_LABELS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr, KP: tl.constexpr,
 ):  # fmt: skip
     """The 3-pass divergences' second pass over chunk c: its sums of the loss, q h and
-    TVD's terms, with the row's constants from the K partials."""
+    TVD's terms, with the row's constants from its K partials (as many as this launch has
+    chunks, or more: a vocab-parallel group's)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
-    K = tl.num_programs(1)
     s_row = s_ptr + row * s_row_stride
     t_row = t_ptr + row * t_row_stride
-    label, ignored, n_cols = _row_setup(labels_ptr, row, V, ignore_index, HAS_LABELS)
+    label, ignored, n_cols = _row_setup(labels_ptr, row, V, ignore_index, offset, HAS_LABELS)
     # (Triton: a name keeps its type through a loop, so no `_` out here.)
     m_s, m_b, z_a, z_b, z_s, cross, s_label = combine_stats(
         stats_ptr + row * K * STATS, K, inv_t, DIV, KP
@@ -174,7 +181,7 @@ def kd_split_terms_kernel(
             above, below = tvd_split(qh_terms)
             q_above_acc += above
             q_below_acc += below
-    out = terms_ptr + (row * K + c) * TERMS
+    out = terms_ptr + (row * tl.num_programs(1) + c) * TERMS
     tl.store(out + 0, tl.sum(kd_acc, axis=0))
     tl.store(out + 1, tl.sum(qh_acc, axis=0))
     tl.store(out + 2, tl.sum(q_above_acc, axis=0))
@@ -186,17 +193,18 @@ def kd_split_finish_kernel(
     s_ptr, s_row_stride, t_ptr, t_row_stride, labels_ptr, grad_ptr, grad_row_stride,
     kd_per_row_ptr, ce_per_row_ptr, reduction_factor_ptr, stats_ptr, terms_ptr, K, V, chunk,
     inv_t, softcap, w, one_minus_w, log_w, log_1mw, kd_grad_coef, ce_weight, ignore_index,
-    DIV: tl.constexpr, ONE_PASS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr,
+    offset, DIV: tl.constexpr, ONE_PASS_LOSS: tl.constexpr, HAS_LABELS: tl.constexpr,
     HAS_CE: tl.constexpr, SOFTCAP: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     BLOCK: tl.constexpr, KP: tl.constexpr,
 ):  # fmt: skip
     """The row's loss (from chunk 0) and, when COMPUTE_GRAD, the gradient of chunk c. K is
-    the row's number of chunks (the grid has one program a row without the gradient)."""
+    the row's number of partials (of chunks, or of a vocab-parallel group's chunks; the grid
+    has one program a row without the gradient)."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     s_row = s_ptr + row * s_row_stride
     t_row = t_ptr + row * t_row_stride
-    label, ignored, n_cols = _row_setup(labels_ptr, row, V, ignore_index, HAS_LABELS)
+    label, ignored, n_cols = _row_setup(labels_ptr, row, V, ignore_index, offset, HAS_LABELS)
     m_s, m_b, z_a, z_b, z_s, cross, s_label = combine_stats(
         stats_ptr + row * K * STATS, K, inv_t, DIV, KP
     )
