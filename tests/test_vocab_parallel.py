@@ -49,21 +49,23 @@ def _shard(x, widths, rank):
     return x[..., lo : lo + widths[rank]]
 
 
-def _rank_cases(rank, world, seed, widths, cases):
+def _rank_cases(rank, world, seed, widths, cases, device="cpu"):
     out = []
     for case in cases:
         s, t, labels, weight = _inputs(seed, case, sum(widths))
-        leaf = _shard(s, widths, rank).clone().requires_grad_(True)
+        leaf = _shard(s, widths, rank).clone().to(device).requires_grad_(True)
         student = leaf * 1.0 if case.get("inplace_backward") else leaf
+        labels = None if labels is None else labels.to(device)
         with count_collectives() as log:
             loss = fastkd.kd_loss(
-                student, _shard(t, widths, rank), labels, process_group=dist.group.WORLD,
-                num_items_in_batch=case.get("num_items"), **_options(case),
+                student, _shard(t, widths, rank).to(device), labels,
+                process_group=dist.group.WORLD, num_items_in_batch=case.get("num_items"),
+                **_options(case),
             )  # fmt: skip
-        (loss * weight).sum().backward()
+        (loss * weight.to(device)).sum().backward()
         out.append({
-            "loss": loss.detach(), "grad": leaf.grad, "calls": [c for c, _ in log.calls],
-            "bytes": [b for _, b in log.calls],
+            "loss": loss.detach().cpu(), "grad": leaf.grad.cpu(),
+            "calls": [c for c, _ in log.calls], "bytes": [b for _, b in log.calls],
         })  # fmt: skip
     return out
 
@@ -198,6 +200,16 @@ def test_three_ranks_triton_kernel_phases_one_empty_shard(tmp_path):
     widths = (12, 0, 37)
     results = run_ranks(3, _rank_cases, tmp_path, SEED, widths, CASES_TRITON_3)
     _check(results, CASES_TRITON_3, widths)
+
+
+def test_two_ranks_triton_phases_on_cuda(tmp_path):
+    # The Triton phases compiled for the GPU (the interpreter runs Python semantics): two
+    # gloo ranks on one GPU, gloo staging the gathers through the host.
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the Triton phases ran under the interpreter above")
+    widths = (19, 30)
+    results = run_ranks(2, _rank_cases, tmp_path, SEED, widths, CASES_TRITON_2, "cuda")
+    _check(results, CASES_TRITON_2, widths)
 
 
 # --- errors: the same ValueError on every rank, never a hang ---------------------------------
