@@ -7,8 +7,9 @@ Extensions, all optional at run time (fastkd falls back to Triton and the refere
                         rows' csrc/kd_topk_cuda.cu) when nvcc is found and torch is a CUDA
                         build, or FASTKD_FORCE_CUDA=1; never decided by
                         torch.cuda.is_available(), so a machine without a GPU builds them too.
-  fastkd._C_cpu_<isa>   the CPU kernels (csrc/kd_cpu.cpp, and the top-k rows'
-                        csrc/kd_topk_cpu.cpp) once per instruction set: avx512 and avx2 on
+  fastkd._C_cpu_<isa>   the CPU kernels (csrc/kd_cpu.cpp, the top-k rows'
+                        csrc/kd_topk_cpu.cpp, the vocab-parallel shards'
+                        csrc/kd_shard_cpu.cpp) once per instruction set: avx512 and avx2 on
                         x86-64, the compiler's baseline elsewhere. at::vec fixes its vector
                         width at compile time; fastkd hands the best one the CPU runs to
                         fastkd._C.

@@ -83,21 +83,6 @@ struct RowPointers {
   int64_t s_elem, t_elem;
 };
 
-// The float32, soft-capped view of one input row: the input itself when it already is that.
-const float* float_row(const char* src, DType dtype, const KdRowsParams& p,
-                       std::vector<float>& buf) {
-  if (dtype == kF32 && !p.has_softcap) return reinterpret_cast<const float*>(src);
-  buf.resize(p.V);
-  row_to_float(src, dtype, buf.data(), p.V);
-  if (p.has_softcap) {
-    float* x = buf.data();
-    for_each_vec(p.V, [&](int64_t j, int64_t c) {
-      softcap(Vec::loadu(x + j, c), p.cap, p.inv_cap).store(x + j, c);
-    });
-  }
-  return buf.data();
-}
-
 template <int DIV>
 void kd_row(const KdRowsParams& p, const RowPointers& ptr, const int64_t* labels,
             float reduction_factor, int64_t row, Scratch& sc, float* kd_per_row,
@@ -326,7 +311,8 @@ void scale_rows_cpu(void* grad, DType dtype, int64_t stride, const float* grad_o
 namespace {
 const fastkd::CpuKernels kKernels = {
     fastkd::kCpuKernelsAbi,      FASTKD_STR(FASTKD_CPU_ISA),  &fastkd::kd_rows_cpu,
-    &fastkd::scale_rows_cpu,     &fastkd::topk_row_stats_cpu, &fastkd::topk_grad_rows_cpu};
+    &fastkd::scale_rows_cpu,     &fastkd::topk_row_stats_cpu, &fastkd::topk_grad_rows_cpu,
+    &fastkd::kd_shard_rows_cpu};
 }  // namespace
 
 PyMODINIT_FUNC FASTKD_CAT(PyInit_, FASTKD_CPU_MODULE)(void) {

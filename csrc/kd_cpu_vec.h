@@ -1,8 +1,8 @@
-// The float32 vector primitives of the CPU kernels (kd_cpu.cpp, kd_topk_cpu.cpp): kd_math.h's
-// Ops for at::vec::Vectorized<float>, vector loops over a row with a short last vector, the
-// conversions of the input dtypes, and the declarations of kd_topk_cpu.cpp's kernels. Both
-// files are compiled into each fastkd._C_cpu_<isa> module, once per instruction set
-// (setup.py), so that Vec is that set's vector.
+// The float32 vector primitives of the CPU kernels (kd_cpu.cpp, kd_topk_cpu.cpp,
+// kd_shard_cpu.cpp): kd_math.h's Ops for at::vec::Vectorized<float>, vector loops over a row
+// with a short last vector, the conversions of the input dtypes, and the declarations of the
+// other files' kernels. The files are compiled into each fastkd._C_cpu_<isa> module, once per
+// instruction set (setup.py), so that Vec is that set's vector.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "kd_math.h"
 #include "kd_params.h"
@@ -129,10 +130,28 @@ inline void row_from_float(const float* src, DType dtype, void* dst, int64_t n) 
 
 inline int64_t elem_size(DType dtype) { return dtype == kF32 ? 4 : 2; }
 
+// The float32, soft-capped view of one input row of p.V entries: the input itself when it
+// already is that, else buf.
+inline const float* float_row(const char* src, DType dtype, const KdRowsParams& p,
+                              std::vector<float>& buf) {
+  if (dtype == kF32 && !p.has_softcap) return reinterpret_cast<const float*>(src);
+  buf.resize(p.V);
+  row_to_float(src, dtype, buf.data(), p.V);
+  if (p.has_softcap) {
+    float* x = buf.data();
+    for_each_vec(p.V, [&](int64_t j, int64_t c) {
+      softcap(Vec::loadu(x + j, c), p.cap, p.inv_cap).store(x + j, c);
+    });
+  }
+  return buf.data();
+}
+
 }  // namespace
 
 // kd_topk_cpu.cpp: the top-k row kernels (design.md §4) of the module's CpuKernels table.
 FASTKD_MODULE_LOCAL void topk_row_stats_cpu(const TopKStatsLaunch& args);
 FASTKD_MODULE_LOCAL void topk_grad_rows_cpu(const TopKGradLaunch& args);
+// kd_shard_cpu.cpp: a vocab-parallel shard's phases (design.md §5).
+FASTKD_MODULE_LOCAL void kd_shard_rows_cpu(const KdShardLaunch& args);
 
 }  // namespace fastkd

@@ -1,5 +1,5 @@
 // The launch interface of the row kernels: plain data, no torch headers, so that the CPU
-// (kd_cpu.cpp, kd_topk_cpu.cpp) and CUDA (kd_cuda.cu, kd_topk_cuda.cu) kernels compile
+// (kd_cpu.cpp, kd_topk_cpu.cpp, kd_shard_cpu.cpp) and CUDA (kd_cuda.cu, kd_topk_cuda.cu) kernels compile
 // without them; ops.cpp is their torch side (argument checks, outputs, streams, registration).
 #pragma once
 
@@ -43,6 +43,42 @@ struct KdRowsLaunch {
   float* kd_per_row;              // (N,)
   float* ce_per_row;              // (N,), zero-initialised
   KdRowsParams p;
+};
+
+// --- Vocab-parallel shards (design.md §5) ---------------------------------------------------
+// One phase of a rank's shard of (n_rows, V) columns [offset, offset + V) of the vocabulary
+// (kd_shard_cpu.cpp; the contract is fastkd/_vocab_parallel.py's docstring).
+enum ShardPhase : int { kShardStats = 0, kShardTerms = 1, kShardGrad = 2 };
+// What kShardStats writes a row: the maxima of a = s/T and b = t/T and the sums of exp
+// relative to them, the one-pass divergences' cross term relative to both maxima, the same
+// maximum and sum of s at T = 1 (with CE), and the label's logit (0 off the shard).
+enum ShardStat : int {
+  kShardMaxA, kShardZA, kShardMaxB, kShardZB, kShardCross, kShardMaxS, kShardZS, kShardLabel,
+  kNumShardStats
+};
+// What kShardTerms writes a row: the shard's sums of the loss terms, of q h, and TVD's sums
+// of q where q > p and where q < p.
+enum ShardTerm : int { kShardKd, kShardQh, kShardQAbove, kShardQBelow, kNumShardTerms };
+// What kShardTerms and kShardGrad read a row: the whole row's constants (maxima made finite,
+// log-sums), the sums of the terms, and the gradient's coefficients with the reduction's
+// factor in them (kd_coef NaN for a row without distributions).
+enum ShardConst : int {
+  kConstMaxA, kConstLogZA, kConstMaxB, kConstLogZB, kConstMaxS, kConstLogZS, kConstQhSum,
+  kConstQAbove, kConstQBelow, kConstKdCoef, kConstCeCoef, kNumShardConsts
+};
+
+struct KdShardLaunch {
+  const void* s;  // student shard rows (n_rows, V), unit stride along V
+  const void* t;  // teacher shard rows
+  void* g;        // kShardGrad: gradient rows in the student's dtype; may equal s
+  int64_t s_stride, t_stride, g_stride;  // row strides in entries
+  DType s_dtype, t_dtype;
+  const int64_t* labels;  // (n_rows,) global labels, or nullptr
+  int64_t offset;         // the shard's first column in the vocabulary
+  const float* consts;    // (n_rows, kNumShardConsts): kShardTerms, kShardGrad
+  float* out;             // (n_rows, kNumShardStats or kNumShardTerms): kShardStats, kShardTerms
+  int phase;
+  KdRowsParams p;  // V is the shard's width; compute_grad unused
 };
 
 // --- Top-k teachers (design.md §4) ----------------------------------------------------------
@@ -101,9 +137,11 @@ struct CpuKernels {
                      int64_t grad_output_stride, int64_t n_rows, int64_t V);
   void (*topk_row_stats)(const TopKStatsLaunch& args);
   void (*topk_grad_rows)(const TopKGradLaunch& args);
+  void (*kd_shard_rows)(const KdShardLaunch& args);
 };
-// Bump when KdRowsLaunch, KdRowsParams, the TopK* launch structs or this change.
-constexpr int kCpuKernelsAbi = 4;
+// Bump when KdRowsLaunch, KdRowsParams, KdShardLaunch, the TopK* launch structs or this
+// change.
+constexpr int kCpuKernelsAbi = 5;
 constexpr const char* kCpuKernelsCapsule = "fastkd.CpuKernels";
 
 }  // namespace fastkd

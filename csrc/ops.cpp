@@ -1,8 +1,9 @@
-// fastkd._C: the ops fastkd::kd_rows and fastkd::scale_rows_, and the top-k rows' ops
+// fastkd._C: the ops fastkd::kd_rows and fastkd::scale_rows_, the top-k rows' ops
 // fastkd::topk_row_stats and fastkd::topk_grad_rows (schemas, CPU and CUDA implementations),
-// and build_info(). This is the torch side of the kernels: it checks the arguments
-// (kd_rows.h, kd_topk_rows.h), allocates the outputs, picks the stream, and calls the
-// torch-free kernels of kd_cpu.cpp and kd_topk_cpu.cpp (through the table the
+// the vocab-parallel shards' fastkd::kd_shard_rows (CPU), and build_info(). This is the torch
+// side of the kernels: it checks the arguments (kd_rows.h, kd_topk_rows.h), allocates the
+// outputs, picks the stream, and calls the torch-free kernels of kd_cpu.cpp, kd_topk_cpu.cpp
+// and kd_shard_cpu.cpp (through the table the
 // fastkd._C_cpu_<isa> module hands over, set_cpu_kernels) and kd_cuda.cu, kd_topk_cuda.cu.
 //
 // The ops live in the `fastkd` namespace beside the Python custom ops of fastkd/_ops.py
@@ -137,6 +138,60 @@ std::tuple<at::Tensor, at::Tensor> kd_rows_cpu(
               "fastkd::kd_rows (CPU): hard-label CE takes V <= 2^24, got ", call.p.V);
   kernels.kd_rows(make_launch(call));
   return {call.kd_per_row, call.ce_per_row};
+}
+
+// One phase of a vocab-parallel shard (kd_params.h: KdShardLaunch; the contract is
+// fastkd/_vocab_parallel.py's docstring): the (n, kNumShardStats) statistics, the (n,
+// kNumShardTerms) terms, or the gradient written into grad (an empty tensor returned).
+at::Tensor kd_shard_rows_cpu(
+    const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& labels,
+    const std::optional<at::Tensor>& grad, const std::optional<at::Tensor>& consts,
+    int64_t phase, int64_t offset, int64_t divergence, double temperature, double mix_weight,
+    std::optional<double> softcap, double kd_grad_coef, double ce_weight, int64_t ignore_index) {
+  const CpuKernels& kernels = loaded_cpu_kernels();
+  TORCH_CHECK(phase == kShardStats || phase == kShardTerms || phase == kShardGrad,
+              "fastkd::kd_shard_rows: unknown phase ", phase);
+  const bool wants_grad = phase == kShardGrad;
+  TORCH_CHECK(wants_grad == (grad.has_value() && grad->defined()),
+              "fastkd::kd_shard_rows: grad is given with the gradient phase, and only then");
+  const KdRowsCall call = prepare_kd_rows(
+      student, teacher, labels, grad, at::zeros({}, student.options().dtype(at::kFloat)),
+      divergence, temperature, mix_weight, softcap, kd_grad_coef, ce_weight, ignore_index);
+  // The gradient phase finds the label's entry by comparing float32 indices: exact to 2^24.
+  TORCH_CHECK(!call.p.has_ce || call.p.V <= (int64_t{1} << 24),
+              "fastkd::kd_shard_rows: hard-label CE takes V <= 2^24, got ", call.p.V);
+  KdShardLaunch args{};
+  at::Tensor constants;
+  if (phase != kShardStats) {
+    TORCH_CHECK(consts.has_value() && consts->defined(),
+                "fastkd::kd_shard_rows: the terms and gradient phases take consts");
+    TORCH_CHECK(consts->dim() == 2 && consts->size(0) == call.p.n_rows &&
+                    consts->size(1) == kNumShardConsts && consts->scalar_type() == at::kFloat,
+                "fastkd::kd_shard_rows: consts must be float32 (", call.p.n_rows, ", ",
+                int{kNumShardConsts}, "), got ", consts->scalar_type(), " ", consts->sizes());
+    constants = consts->contiguous();
+    args.consts = constants.data_ptr<float>();
+  }
+  const int64_t columns = phase == kShardStats ? kNumShardStats
+                          : phase == kShardTerms ? kNumShardTerms
+                                                 : 0;
+  at::Tensor out = at::zeros({wants_grad ? 0 : call.p.n_rows, columns},
+                             student.options().dtype(at::kFloat));
+  args.s = call.student.data_ptr();
+  args.t = call.teacher.data_ptr();
+  args.g = wants_grad ? call.grad.data_ptr() : nullptr;
+  args.s_stride = call.student.stride(0);
+  args.t_stride = call.teacher.stride(0);
+  args.g_stride = wants_grad ? call.grad.stride(0) : 0;
+  args.s_dtype = dtype_code(call.student.scalar_type());
+  args.t_dtype = dtype_code(call.teacher.scalar_type());
+  args.labels = call.p.has_labels ? call.labels.data_ptr<int64_t>() : nullptr;
+  args.offset = offset;
+  args.out = wants_grad ? nullptr : out.data_ptr<float>();
+  args.phase = static_cast<int>(phase);
+  args.p = call.p;
+  kernels.kd_shard_rows(args);
+  return out;
 }
 
 void scale_rows_cpu(at::Tensor& grad, const at::Tensor& grad_output) {
@@ -293,6 +348,13 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
       "topk_grad_rows(Tensor student, Tensor ids, Tensor student_at_ids, Tensor? labels, "
       "Tensor stats, Tensor row_coefs, Tensor pair_grads, Tensor(a!) grad, float temperature, "
       "float? softcap, int ignore_index) -> ()");
+  // A vocab-parallel shard's phase (kd_params.h: KdShardLaunch), CPU only:
+  // fastkd/_vocab_parallel.py calls it positionally.
+  m.def(
+      "kd_shard_rows(Tensor student, Tensor teacher, Tensor? labels, Tensor(a!)? grad, "
+      "Tensor? consts, int phase, int offset, int divergence, float temperature, "
+      "float mix_weight, float? softcap, float kd_grad_coef, float ce_weight, "
+      "int ignore_index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
@@ -300,6 +362,7 @@ TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("scale_rows_", &fastkd::scale_rows_cpu);
   m.impl("topk_row_stats", &fastkd::topk_row_stats_cpu);
   m.impl("topk_grad_rows", &fastkd::topk_grad_rows_cpu);
+  m.impl("kd_shard_rows", &fastkd::kd_shard_rows_cpu);
 }
 
 #if defined(FASTKD_WITH_CUDA)
@@ -313,8 +376,8 @@ TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() =
-      "fastkd compiled ops: fastkd::kd_rows, fastkd::scale_rows_, fastkd::topk_row_stats and "
-      "fastkd::topk_grad_rows";
+      "fastkd compiled ops: fastkd::kd_rows, fastkd::scale_rows_, fastkd::topk_row_stats, "
+      "fastkd::topk_grad_rows and fastkd::kd_shard_rows";
   m.def("build_info", &fastkd::build_info, "What this build of fastkd._C holds.");
   m.def("set_cpu_kernels", &fastkd::set_cpu_kernels,
         "Installs the CPU kernels of a fastkd._C_cpu_<isa> module (its `kernels` capsule).");

@@ -28,7 +28,7 @@ import sys
 
 OPS_SOURCES = ("ops.cpp",)
 CUDA_SOURCES = ("kd_cuda.cu", "kd_topk_cuda.cu")
-CPU_KERNEL_SOURCES = ("kd_cpu.cpp", "kd_topk_cpu.cpp")
+CPU_KERNEL_SOURCES = ("kd_cpu.cpp", "kd_topk_cpu.cpp", "kd_shard_cpu.cpp")
 
 # What a wheel carries in fastkd/csrc/ for the JIT build.
 SOURCE_SUFFIXES = (".h", ".cuh", ".cpp", ".cu")

@@ -37,6 +37,19 @@ def scale_rows_(grad: Tensor, grad_output: Tensor) -> None:
     torch.ops.fastkd.scale_rows_(grad, grad_output)
 
 
+# fastkd::kd_shard_rows's phases (csrc/kd_params.h: ShardPhase).
+SHARD_STATS, SHARD_TERMS, SHARD_GRAD = 0, 1, 2
+
+
+def shard_rows(student, teacher, labels, grad, consts, phase: int, offset: int, config) -> Tensor:
+    """One phase of a vocab-parallel rank's shard on the CPU (fastkd/_vocab_parallel.py)."""
+    return torch.ops.fastkd.kd_shard_rows(
+        student, teacher, labels, grad, consts, phase, offset,
+        DIVERGENCES[config.divergence].code, config.temperature, config.mix_weight,
+        config.softcap, config.kd_grad_coef, config.ce_weight, config.ignore_index,
+    )  # fmt: skip
+
+
 def topk_row_stats(student, ids, labels, *, temperature, softcap, tail, ce, ignore_index) -> Tensor:
     """(n, 5) float32 stats of a top-k teacher's rows (fastkd/_topk_rows.py)."""
     return torch.ops.fastkd.topk_row_stats(

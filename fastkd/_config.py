@@ -396,10 +396,11 @@ def check_vocab_widths(vocab_size: int | None, unit: str, **widths: int) -> int:
 
 
 def check_labels(
-    labels, lead_shape: torch.Size, V: int, device: torch.device, config: KDConfig
+    labels, lead_shape: torch.Size, V: int | None, device: torch.device, config: KDConfig
 ) -> None:
     """Labels for logits of shape (*lead_shape, V) on ``device`` (FusedLinearKDLoss has no
-    logits to show, only their shape); CE mixing needs them."""
+    logits to show, only their shape); CE mixing needs them. V None: a vocab-parallel rank
+    before the ranks agree on the vocabulary, which then checks the range."""
     if labels is None:
         if config.has_ce:
             raise ValueError("ce_weight != 0 mixes in hard-label cross-entropy and needs labels")
@@ -417,6 +418,8 @@ def check_labels(
     if labels.device != device:
         raise ValueError(f"labels must be on the logits' device {device}, got {labels.device}")
     ignore_index = config.ignore_index
+    if V is None:
+        return
     valid = (labels == ignore_index) | ((labels >= 0) & (labels < V))
     check_values(valid, f"labels must lie in [0, {V}) or equal ignore_index={ignore_index}")
 

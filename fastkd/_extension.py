@@ -272,5 +272,11 @@ def _register_fakes() -> None:
     def _topk_grad_rows_fake(*_):
         return None
 
+    @torch.library.register_fake("fastkd::kd_shard_rows")
+    def _kd_shard_rows_fake(student, teacher, labels, grad, consts, phase, *_):
+        columns = (8, 4, 0)[phase]  # kd_params.h: kNumShardStats, kNumShardTerms
+        rows = 0 if phase == 2 else student.shape[0]
+        return student.new_empty(rows, columns, dtype=torch.float32)
+
 
 _load_aot()

@@ -26,9 +26,11 @@ it, so that the others do not wait for it in a collective.
 These phases run in PyTorch on the shard, in float64 chunks: element-wise PyTorch in float32
 lost a decade against the kernels' fused formulas (jsd gradients 3e-5 off the float64 spec,
 where design.md §2 allows 1e-5), and float64 costs this memory-bound walk little. The loss is
-returned in float32, the gradient in the logits' dtype. On the Triton backend (auto's choice
-for CUDA tensors) the phases are the split-V kernels instead (fastkd/triton/kd_vocab_parallel.py,
-_kernel_phases_loss): float32 partials of 7 floats a row, as in one process.
+returned in float32, the gradient in the logits' dtype. That is the spec of the walks, and
+what the `torch` and `cuda` backends run. The kernel backends walk the shard themselves:
+`cpu` with csrc/kd_shard_cpu.cpp (_cpu_phases_loss: the same statistics, in float32, combined
+here in float64), `triton` with the split-V kernels (fastkd/triton/kd_vocab_parallel.py,
+_kernel_phases_loss: float32 partials of 7 floats a row, combined in the kernels).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from .reference import divergence_log_q_grad, divergence_per_row, reduce_referen
 
 # How the dense phases run: Triton kernels (backend "triton") or PyTorch in float64 (every
 # other backend); the ranks must agree, since what they gather differs.
-KERNEL_PHASES, FLOAT64_PHASES = "triton-kernels", "float64"
+KERNEL_PHASES, CPU_KERNEL_PHASES, FLOAT64_PHASES = "triton-kernels", "cpu-kernels", "float64"
 # The divergences whose loss comes out of phase 1 (their cross term), design.md §3.
 ONE_ROUND = ("forward_kl", "soft_ce", "reverse_kl")
 # Entries of one float64 temporary per chunk of rows: 2^20 (8 MiB).
@@ -110,10 +112,12 @@ def all_gather(x: Tensor, group, name: str) -> Tensor:
 # --- the handshake ------------------------------------------------------------------------
 
 
-def _options_code(config: KDConfig, phases: str) -> int:
+def _options_code(config: KDConfig, phases: str, num_items: Tensor | None) -> int:
     # The backend and inplace_backward may differ between ranks; nothing else may, nor the
-    # phases' implementation (what the ranks gather differs between them).
-    text = config.describe(backend=None, inplace_backward=None, phases=phases)
+    # phases' implementation (what the ranks gather differs between them), nor
+    # num_items_in_batch (the mean's denominator).
+    items = None if num_items is None else float(num_items)
+    text = config.describe(backend=None, inplace_backward=None, phases=phases, items=items)
     return zlib.crc32(text.encode())
 
 
@@ -140,6 +144,7 @@ def shard_layout(
     refused: BaseException | None = None,
     teacher=None,
     phases: str = "",
+    num_items: Tensor | None = None,
 ) -> ShardLayout:
     """The handshake: every rank's rows, width, labels and options, checked to agree.
     ``refused``: this rank's own inputs failed their checks; it raises that error, and every
@@ -150,11 +155,11 @@ def shard_layout(
     mine = torch.tensor(
         [
             refused is not None,
-            student.shape[:-1].numel(),
+            zlib.crc32(repr(tuple(student.shape[:-1])).encode()),  # the leading shape
             student.shape[-1],
             labels is not None,
             _labels_code(labels, teacher),
-            _options_code(config, phases),
+            _options_code(config, phases, num_items),
             -1 if vocab_size is None else vocab_size,
             zlib.crc32(str(student.dtype).encode()),
         ],
@@ -194,12 +199,13 @@ def _disagreement(name: str, values: list, table: Tensor) -> str:
         "rows": "the logits' leading shape (rows: every rank holds every row of its shard)",
         "has_labels": "whether labels are given",
         "labels": "the labels or the top-k teacher (they are global: every rank passes the same)",
-        "options": "the loss's options (divergence, temperature, weights, reduction, ...) or "
-        "the phases' implementation (Triton kernels on every rank, or on none: backend=)",
+        "options": "the loss's options (divergence, temperature, weights, reduction, ...), "
+        "num_items_in_batch, or the phases' implementation (backend=: Triton kernels, CPU "
+        "kernels or float64 PyTorch, the same on every rank)",
         "vocab_size": "vocab_size",
         "dtype": "the logits' dtype",
     }[name]
-    shown = values if name in ("rows", "vocab_size") else "differs"
+    shown = values if name == "vocab_size" else "differs"
     return (
         f"vocab-parallel KD: the ranks of process_group disagree on {what}: {shown} (by rank; "
         f"shard widths {table[:, 2].tolist()})"
@@ -251,9 +257,11 @@ def _combine(m: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
     return top, scale
 
 
-def _lse(m: Tensor, z: Tensor) -> Tensor:
+def _lse_parts(m: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """(world, N) maxima and rescaled sums -> the row's (finite) maximum and log-sum, the
+    log-sum-exp being their sum: the kernels take them apart (kd_math.h: log_softmax)."""
     top, scale = _combine(m, z)
-    return _safe(top) + torch.log((z * scale).sum(0))
+    return _safe(top), torch.log((z * scale).sum(0))
 
 
 @dataclass
@@ -263,6 +271,7 @@ class _RowStats:
     lse_s: Tensor | None
     s_label: Tensor | None
     cross: Tensor | None  # Σ p (b - a), Σ p (-a) or Σ q (a - b): phase 1's cross term
+    parts: dict  # "a", "b", "s": (maximum, log-sum) of each log-sum-exp, for the kernels
 
 
 def _local_label(labels: Tensor, keep: Tensor, layout: ShardLayout):
@@ -294,20 +303,32 @@ def _phase1(s_rows, t_rows, labels, keep, config, layout, dtype) -> _RowStats:
                 s_y = torch.where(here, c.s.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
             out += [m_s, z_s, s_y]
         stats[rows] = torch.stack(out, -1)
+    return _combine_stats(stats, config, layout)
+
+
+def _combine_stats(stats: Tensor, config: KDConfig, layout: ShardLayout) -> _RowStats:
+    """Phase 1's exchange: every rank's (n, columns) shard statistics (m_a, z_a, m_b, z_b,
+    the one-round divergences' cross term Σ e^(b-m_b)(b - a) or its twin, then with CE m_s,
+    z_s and the label's logit) gathered and combined, in rank order, into the rows'."""
     every = all_gather(stats, layout.group, "statistics")  # (world, n, columns)
     m_a, z_a, m_b, z_b = every[..., 0], every[..., 1], every[..., 2], every[..., 3]
-    lse_a, lse_b = _lse(m_a, z_a), _lse(m_b, z_b)
+    parts = {"a": _lse_parts(m_a, z_a), "b": _lse_parts(m_b, z_b)}
     cross = lse_s = s_label = None
-    if div in ONE_ROUND:
-        m, z = (m_a, z_a) if div == "reverse_kl" else (m_b, z_b)
+    if config.divergence in ONE_ROUND:
+        m, z = (m_a, z_a) if config.divergence == "reverse_kl" else (m_b, z_b)
         top, scale = _combine(m, z)
         weighted = torch.where(scale > 0, every[..., 4] * scale, 0.0).sum(0)
         cross = weighted / (z * scale).sum(0)
-    if has_ce:
-        k = columns - 3
-        lse_s = _lse(every[..., k], every[..., k + 1])
+    if config.has_ce:
+        k = stats.shape[-1] - 3
+        parts["s"] = _lse_parts(every[..., k], every[..., k + 1])
+        lse_s = _added(parts["s"])
         s_label = every[..., k + 2].sum(0)
-    return _RowStats(lse_a, lse_b, lse_s, s_label, cross)
+    return _RowStats(_added(parts["a"]), _added(parts["b"]), lse_s, s_label, cross, parts)
+
+
+def _added(parts: tuple[Tensor, Tensor]) -> Tensor:
+    return parts[0] + parts[1]
 
 
 def _log_probs(c: _Chunk, st: _RowStats, rows) -> tuple[Tensor, Tensor]:
@@ -369,6 +390,12 @@ def _phase3(s_rows, t_rows, labels, keep, config, layout, st, s_sum, row_factor,
 # --- the loss -------------------------------------------------------------------------------
 
 
+def _batch_size(student: Tensor, layout: ShardLayout) -> int:
+    """batchmean's divisor: the logits' first dimension, which for 1-D logits is the whole
+    vocabulary's width, not the shard's (as one process divides)."""
+    return layout.total if student.dim() == 1 else (student.shape[0] if student.dim() else 1)
+
+
 def _reduction_factor(config: KDConfig, keep: Tensor, num_items: Tensor | None, size0: int, dtype):
     if config.reduction in ("sum", "none"):
         return torch.ones((), dtype=dtype, device=keep.device)
@@ -406,11 +433,12 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     refused, num_items, phases = None, None, FLOAT64_PHASES
     try:
         num_items = check_this_rank()
-        if _backends.resolve(config.backend, student.device, student.dtype) == "triton":
-            phases = KERNEL_PHASES
-    except (ValueError, TypeError, NotImplementedError) as error:
+        backend = _backends.resolve(config.backend, student.device, student.dtype)
+        phases = {"triton": KERNEL_PHASES, "cpu": CPU_KERNEL_PHASES}.get(backend, phases)
+    except Exception as error:  # any: the other ranks must not wait in the handshake
         refused = error
-    layout = shard_layout(student, labels, config, config.vocab_size, group, refused, phases=phases)
+    layout = shard_layout(student, labels, config, config.vocab_size, group, refused,
+                          phases=phases, num_items=num_items)  # fmt: skip
     lead = student.shape[:-1]
     check_labels(labels, lead, layout.total, student.device, config)
     teacher = teacher.detach()
@@ -425,6 +453,11 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     if phases == KERNEL_PHASES:
         return _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items,
                                    config, layout)  # fmt: skip
+    if phases == CPU_KERNEL_PHASES:
+        s_rows, t_rows = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+                          for x in (s_rows, t_rows))  # fmt: skip
+        return _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, config,
+                                layout)  # fmt: skip
     # float64: the phases are PyTorch element-wise code, whose float32 q g - q S lost a decade
     # of accuracy against the kernels' fused formulas (jsd gradients 1e-5 off); see the docstring.
     dtype = torch.float64
@@ -447,13 +480,14 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
         keep.reshape(lead),
         num_items,
         config,
+        batch_size=_batch_size(student, layout),
     )
     loss, kd = loss.float(), kd.float()
     ce = None if ce is None else ce.float()
     if not (student.requires_grad and torch.is_grad_enabled()):
         return loss, kd, ce
 
-    size0 = student.shape[0] if student.dim() > 1 else 1
+    size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep, num_items, size0, dtype)
     # float16 takes the factor in the backward (see _ops._defers_factor).
     defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
@@ -476,7 +510,7 @@ def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, c
 
     lead, width, n = student.shape[:-1], student.shape[-1], s_rows.shape[0]
     wants_grad = student.requires_grad and torch.is_grad_enabled()
-    size0 = student.shape[0] if student.dim() > 1 else 1
+    size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep, num_items, size0, torch.float32)
     # float16 takes the factor in the backward (see _ops._defers_factor).
     defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
@@ -501,13 +535,97 @@ def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, c
         ce_rows = torch.where(keep, rows.ce_per_row.double(), 0.0)
     loss, kd, ce = reduce_reference(
         student, kd_rows.reshape(lead), None if ce_rows is None else ce_rows.reshape(lead),
-        keep.reshape(lead), num_items, config,
+        keep.reshape(lead), num_items, config, batch_size=_batch_size(student, layout),
     )  # fmt: skip
     loss, kd = loss.float(), kd.float()
     ce = None if ce is None else ce.float()
     if grad is None:
         return loss, kd, ce
     deferred = factor if defer else torch.ones((), dtype=torch.float32, device=student.device)
+    loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
+    return loss, kd, ce
+
+
+# The CPU kernel's statistics with an empty shard (kd_params.h: ShardStat's columns).
+_EMPTY_SHARD = (-math.inf, 0.0, -math.inf, 0.0, 0.0, -math.inf, 0.0, 0.0)
+
+
+def _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, config, layout):
+    """vocab_parallel_loss with the shard walks as the CPU kernel's (csrc/kd_shard_cpu.cpp,
+    float32): the exchanges and their combination as in the float64 phases."""
+    from . import _compiled_rows as ops
+
+    lead, width, n = student.shape[:-1], student.shape[-1], s_rows.shape[0]
+    div, used, device = config.divergence, layout.used, student.device
+    f64 = dict(dtype=torch.float64, device=device)
+
+    def shard(phase, grad=None, consts=None):
+        return ops.shard_rows(s_rows, t_rows, flat_labels, grad, consts, phase, layout.offset,
+                              config)  # fmt: skip
+
+    if used:
+        local = shard(ops.SHARD_STATS).double()
+    else:
+        local = torch.tensor(_EMPTY_SHARD, **f64).expand(n, -1)
+    m_a, z_a, m_b, z_b, cross, m_s, z_s, s_y = local.unbind(-1)
+    columns = [m_a, z_a, m_b, z_b]
+    if div in ONE_ROUND:
+        # The kernel's cross term is relative to both maxima (kd_math.h: cross_term); the
+        # float64 phases' is not.
+        sa, sb = _safe(m_a), _safe(m_b)
+        moved = {"forward_kl": z_b * (sb - sa), "soft_ce": -z_b * sa, "reverse_kl": z_a * (sa - sb)}
+        columns.append(cross + moved[div])
+    if config.has_ce:
+        columns += [m_s, z_s, s_y]
+    st = _combine_stats(torch.stack(columns, -1), config, layout)
+    (max_a, log_z_a), (max_b, log_z_b) = st.parts["a"], st.parts["b"]
+    max_s, log_z_s = st.parts.get("s", (torch.zeros(n, **f64), torch.zeros(n, **f64)))
+
+    def constants(*columns):
+        """(n, kNumShardConsts) float32 (kd_params.h: ShardConst), the rest 0."""
+        rest = [torch.zeros(n, **f64)] * (11 - len(columns))
+        return torch.stack([*columns, *rest], -1).float()
+
+    q_above = q_below = torch.zeros(n, **f64)
+    if div in ONE_ROUND:
+        d, _ = _divergence_and_s(s_rows, t_rows, keep, config, layout, st, torch.float64)
+        # S in pointwise's h (kd_math.h): -p/q, or reverse_kl's (a - m_a) - (b - m_b).
+        s_sum = st.cross - (max_a - max_b) if div == "reverse_kl" else torch.full_like(d, -1.0)
+    else:
+        consts = constants(max_a, log_z_a, max_b, log_z_b)
+        terms = shard(ops.SHARD_TERMS, consts=consts) if used else torch.zeros(n, 4, device=device)
+        every = all_gather(terms, layout.group, "divergence_terms").double()
+        d, s_sum, q_above, q_below = every.sum(0).unbind(-1)
+    no_dist = keep & ~(torch.isfinite(st.lse_a) & torch.isfinite(st.lse_b))
+    d = torch.where(no_dist, math.nan, d)
+    kd_rows = torch.where(keep, config.t_squared * d, 0.0)
+    ce_rows = torch.where(keep, st.lse_s - st.s_label, 0.0) if config.has_ce else None
+    loss, kd, ce = reduce_reference(
+        student, kd_rows.reshape(lead), None if ce_rows is None else ce_rows.reshape(lead),
+        keep.reshape(lead), num_items, config, batch_size=_batch_size(student, layout),
+    )  # fmt: skip
+    loss, kd = loss.float(), kd.float()
+    ce = None if ce is None else ce.float()
+    if not (student.requires_grad and torch.is_grad_enabled()):
+        return loss, kd, ce
+
+    size0 = _batch_size(student, layout)
+    factor = _reduction_factor(config, keep, num_items, size0, torch.float64)
+    # float16 takes the factor in the backward (see _ops._defers_factor).
+    defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
+    row_factor = torch.where(keep, 1.0 if defer else factor, 0.0)
+    kd_coef = torch.where(no_dist, math.nan, config.kd_grad_coef * row_factor)
+    if config.inplace_backward:
+        grad = student.detach().reshape(n, width)
+    else:
+        grad = torch.empty(n, width, dtype=student.dtype, device=device)
+    if used:
+        consts = constants(max_a, log_z_a, max_b, log_z_b, max_s, log_z_s, s_sum, q_above,
+                           q_below, kd_coef, config.ce_weight * row_factor)  # fmt: skip
+        shard(ops.SHARD_GRAD, grad=grad[:, :used], consts=consts)
+    if used < width:
+        grad[:, used:] = 0  # vocab_size's padding
+    deferred = factor if defer else torch.ones((), **f64)
     loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
     return loss, kd, ce
 
@@ -526,15 +644,20 @@ def _local_ids(ids: Tensor, layout: ShardLayout) -> Tensor:
     return torch.where(mine, ids - layout.offset, -1)
 
 
+# The ignore_index the top-k kernels get on a shard: no local column is negative, so -1 never
+# mistakes a kept row for an ignored one (the global ignore_index may be a column: a pad id).
+_LOCAL_IGNORE = -1
+
+
 def _local_labels(labels: Tensor | None, layout: ShardLayout, ignore_index: int):
-    """Global labels -> this shard's column; a label held elsewhere becomes a column no row
-    has (never ignore_index, so that the row is not taken for an ignored one)."""
+    """Global labels -> this shard's column, or ``used`` (a column no row has) for a label
+    held elsewhere, or _LOCAL_IGNORE for an ignored row."""
     if labels is None:
         return None
-    elsewhere = layout.used if layout.used != ignore_index else layout.used + 1
     local = labels.long() - layout.offset
     held = (local >= 0) & (local < layout.used)
-    return torch.where(labels == ignore_index, ignore_index, torch.where(held, local, elsewhere))
+    return torch.where(labels == ignore_index, _LOCAL_IGNORE,
+                       torch.where(held, local, layout.used))  # fmt: skip
 
 
 def _combine_topk_stats(every: Tensor) -> Tensor:
@@ -572,9 +695,10 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
                 f"student logits and a kernel backend (cpu, triton, cuda), got {backend!r} for "
                 f"{student.dtype} logits"
             )
-    except (ValueError, TypeError, NotImplementedError) as error:
+    except Exception as error:  # any: the other ranks must not wait in the handshake
         refused = error
-    layout = shard_layout(student, labels, config, config.vocab_size, group, refused, teacher)
+    layout = shard_layout(student, labels, config, config.vocab_size, group, refused, teacher,
+                          num_items=num_items)  # fmt: skip
     lead = student.shape[:-1]
     check_labels(labels, lead, layout.total, student.device, config)
     check_topk_teacher(teacher, lead, layout.total, student.device)
@@ -582,6 +706,8 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
     width = student.shape[-1]
     n = lead.numel()
     rows = student.detach().reshape(n, width)[:, : layout.used]
+    if rows.stride(-1) != 1 and layout.used > 1:
+        rows = rows.contiguous()  # the kernels take rows of unit stride
     pairs = teacher.detach().as_rows()
     flat_labels = None if labels is None else labels.reshape(-1)
     keep = None if flat_labels is None else flat_labels != config.ignore_index
@@ -598,7 +724,7 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
     if layout.used and n:
         mine[:, :5] = row_stats(rows, ids, local_labels, temperature=config.temperature,
                                 softcap=config.softcap, tail=tail, ce=has_ce,
-                                ignore_index=config.ignore_index)  # fmt: skip
+                                ignore_index=_LOCAL_IGNORE)  # fmt: skip
         at_ids = rows.gather(1, ids.clamp(min=0)).float()
         mine[:, 5 : 5 + k] = torch.where(ids >= 0, at_ids, 0.0)
         if has_ce:
@@ -612,7 +738,7 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
 
     wants_grad = student.requires_grad and torch.is_grad_enabled()
     keep_all = torch.ones(n, dtype=torch.bool, device=student.device) if keep is None else keep
-    size0 = student.shape[0] if student.dim() > 1 else 1
+    size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep_all, num_items, size0, torch.float32)
     defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
     row_factor = torch.ones_like(factor) if defer else factor
@@ -627,6 +753,7 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
         keep_all.reshape(lead),
         num_items,
         config,
+        batch_size=_batch_size(student, layout),
     )
     if not wants_grad:
         return loss, kd, ce
@@ -637,7 +764,7 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
     if layout.used and n:
         grad_rows(rows, ids, rows.gather(1, ids.clamp(min=0)), local_labels, stats.float(),
                   row_coefs, pair_grads, grad[:, : layout.used], temperature=config.temperature,
-                  softcap=config.softcap, ignore_index=config.ignore_index)  # fmt: skip
+                  softcap=config.softcap, ignore_index=_LOCAL_IGNORE)  # fmt: skip
     if layout.used < width:
         grad[:, layout.used :] = 0
     deferred = factor if defer else torch.ones_like(factor)

@@ -2,15 +2,21 @@
 its contiguous rows of both LM-head weights (Megatron's ColumnParallelLinear with
 gather_output=False) and the whole hidden states.
 
-Rows go through in chunks, the same chunks on every rank (their size is agreed on first: the
-smallest any rank asks for). Per chunk, the shard's logits of both models are computed, the
-vocab-parallel loss (fastkd/_vocab_parallel.py) runs on them with reduction "sum", and
-torch.utils.checkpoint keeps only the chunk's inputs: the backward computes the chunk's logits
-and loss again, so that no chunk's logits outlive it (twice the forward's work; a fused
-kernel phase would spare it). The reduction's factor is applied to the chunks' sum.
+Rows go through in chunks, the same chunks on every rank (the ranks first agree on the rows
+and the chunk size, the smallest any rank asks for). Per chunk, the shard's logits of both
+models are computed and the vocab-parallel loss (fastkd/_vocab_parallel.py) runs on them
+with reduction "sum".
 
-The hidden states' gradient is summed over the ranks in the backward (one all_reduce of
-N x H), as ColumnParallelLinear's input does: the loss owns the head, so it owns that sum.
+- mean, sum, batchmean: each chunk's gradient is taken in the forward, as soon as its loss is
+  known, and turned into grad_hidden rows and grad_weight (and bias) sums; the backward only
+  multiplies them by grad_output. The hidden states' gradient is summed over the ranks there,
+  in the forward (one all_reduce of N x H), as ColumnParallelLinear's input does: the loss
+  owns the head, so it owns that sum.
+- none: a per-row grad_output reaches grad_weight only through each row, so
+  torch.utils.checkpoint keeps only each chunk's inputs and the backward computes the chunk's
+  logits and loss again (twice the forward's matmuls and collectives); the hidden states'
+  gradient is summed over the ranks in the backward.
+
 Each rank's weight (and bias) gets the gradient of its own rows.
 """
 
@@ -46,10 +52,12 @@ class _SumGradOverRanks(torch.autograd.Function):
         return grad, None
 
 
-def _agreed_chunk_rows(chunk_rows: int, device, group, refused) -> int:
-    """The chunk size every rank uses (the smallest asked for), and the refusals: a rank
-    whose inputs failed their checks raises its error, every other rank one naming it."""
-    mine = torch.tensor([chunk_rows, refused is not None], dtype=torch.long, device=device)
+def _agreed_chunk_rows(chunk_rows: int, n_rows: int, device, group, refused) -> int:
+    """The chunk size every rank uses (the smallest asked for), once the ranks agree on the
+    rows (they go through in the same chunks), and the refusals: a rank whose inputs failed
+    their checks raises its error, every other rank one naming it."""
+    mine = torch.tensor([chunk_rows, refused is not None, n_rows], dtype=torch.long,
+                        device=device)  # fmt: skip
     table = _vocab_parallel.all_gather(mine, group, "chunking").cpu()
     if refused is not None:
         raise refused
@@ -58,6 +66,12 @@ def _agreed_chunk_rows(chunk_rows: int, device, group, refused) -> int:
         raise ValueError(
             f"vocab-parallel FusedLinearKDLoss: the inputs of rank(s) {ranks} of process_group "
             "were refused (their own error says why); no rank computed the loss"
+        )
+    if len(set(table[:, 2].tolist())) > 1:
+        raise ValueError(
+            "vocab-parallel FusedLinearKDLoss: the ranks of process_group disagree on the "
+            f"rows of student_hidden (tokens): {table[:, 2].tolist()} by rank; every rank "
+            "holds every row"
         )
     return int(table[:, 0].min())
 
@@ -114,7 +128,8 @@ def fused_linear_vocab_parallel(
     """(loss, kd, ce) of the whole vocabulary, the same on every rank. ``refused``: this
     rank's inputs failed their checks (raised on every rank, after the first collective)."""
     device = s_hidden.device if isinstance(s_hidden, Tensor) else torch.device("cpu")
-    chunk = max(1, _agreed_chunk_rows(chunk_rows, device, group, refused))
+    n_rows = s_hidden.shape[:-1].numel() if isinstance(s_hidden, Tensor) else -1
+    chunk = max(1, _agreed_chunk_rows(chunk_rows, n_rows, device, group, refused))
     lead = s_hidden.shape[:-1]
     n = lead.numel()
     th = None if t_hidden is None else t_hidden.detach().reshape(n, t_hidden.shape[-1])

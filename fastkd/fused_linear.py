@@ -250,12 +250,21 @@ def _fused_linear_vocab_parallel(
                     f"with process_group, this rank's student_weight and teacher_weight must "
                     f"hold the same vocabulary rows, got {rows} and {teacher_weight.shape[0]}"
                 )
+            if teacher_hidden.shape[:-1] != student_hidden.shape[:-1]:
+                raise ValueError(
+                    f"student_hidden and teacher_hidden must have the same leading shape (one "
+                    f"row per token), got {tuple(student_hidden.shape)} and "
+                    f"{tuple(teacher_hidden.shape)}"
+                )
+        else:
+            check_topk_teacher(teacher, student_hidden.shape[:-1], None, student_hidden.device)
+        check_labels(labels, student_hidden.shape[:-1], None, student_hidden.device, config)
         num_items = check_num_items(num_items_in_batch, student_hidden.device)
         n_rows = student_hidden.numel() // student_hidden.shape[-1] if student_hidden.shape[-1] \
             else 0  # fmt: skip
         chunk_rows = loss_chunk_rows(n_rows, max(rows, 1), torch.float32, "cpu", chunk_size,
                                      memory_budget, student_hidden.device)  # fmt: skip
-    except (ValueError, TypeError) as error:
+    except Exception as error:  # any: the other ranks must not wait in the first collective
         refused = error
     loss, kd, ce = fused_linear_vocab_parallel(
         config, process_group, chunk_rows, student_hidden, student_weight, student_bias,

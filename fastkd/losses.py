@@ -24,7 +24,7 @@ from ._config import (
 )
 from .reference import reference_loss
 from .topk import TopKTeacher
-from .topk_reference import check_topk_inputs, topk_reference_loss
+from .topk_reference import check_topk_inputs, check_topk_teacher, topk_reference_loss
 
 
 class KDLossOutput(NamedTuple):
@@ -119,7 +119,7 @@ def _vocab_parallel_kd_loss(student_logits, teacher_logits, labels, num_items_in
             check_float_tensor("student_logits", student_logits)
             if student_logits.dim() == 0:
                 raise ValueError("student_logits must have a vocabulary dimension")
-            return check_num_items(num_items_in_batch, student_logits.device)
+            return check_this_rank_common()
         check_dense_options(config)
         widths = [x.shape[-1] for x in (student_logits, teacher_logits)
                   if isinstance(x, Tensor) and x.dim() > 0]  # fmt: skip
@@ -130,6 +130,19 @@ def _vocab_parallel_kd_loss(student_logits, teacher_logits, labels, num_items_in
                 f"have the same width, got {widths[0]} and {widths[1]}"
             )
         check_logits(student_logits, teacher_logits, allow_empty=True)
+        return check_this_rank_common()
+
+    def check_this_rank_common():
+        # The shapes here, where one rank's mistake reaches the others through the handshake;
+        # the values against the whole vocabulary after it, alike on every rank.
+        lead = student_logits.shape[:-1]
+        check_labels(labels, lead, None, student_logits.device, config)
+        if topk:
+            check_topk_teacher(teacher_logits, lead, None, student_logits.device)
+        if config.inplace_backward and student_logits.requires_grad and torch.is_grad_enabled():
+            _check_inplace_leaf(student_logits)
+            if student_logits.shape[-1]:  # an empty shard has nothing to write over
+                _ops._check_inplace_memory(student_logits, teacher_logits)
         return check_num_items(num_items_in_batch, student_logits.device)
 
     topk = isinstance(teacher_logits, TopKTeacher)

@@ -186,8 +186,11 @@ def reduce_reference(
     keep: Tensor,
     num_items_in_batch: int | float | Tensor | None,
     config: KDConfig,
+    batch_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(loss, kd, ce) from the rows' losses: design.md §1's reductions over the kept rows."""
+    """(loss, kd, ce) from the rows' losses: design.md §1's reductions over the kept rows.
+    ``batch_size``: batchmean's divisor when the logits at hand are not the whole (a
+    vocab-parallel shard of 1-D logits); their first dimension otherwise."""
     compute_dtype = kd_per_row.dtype
 
     def reduce(rows: Tensor) -> Tensor:
@@ -199,6 +202,7 @@ def reduce_reference(
             return total
         if config.reduction == "batchmean":
             size0 = student_logits.shape[0] if student_logits.dim() > 0 else 1
+            size0 = size0 if batch_size is None else batch_size
             return total / max(size0, 1)
         if num_items_in_batch is not None:
             denominator = torch.as_tensor(num_items_in_batch, device=rows.device)

@@ -106,10 +106,11 @@ def check_topk_inputs(
 
 
 def check_topk_teacher(
-    teacher: TopKTeacher, lead_shape: torch.Size, V: int, device: torch.device
+    teacher: TopKTeacher, lead_shape: torch.Size, V: int | None, device: torch.device
 ) -> None:
     """A TopKTeacher (..., K) for student logits of shape (*lead_shape, V) on ``device``
-    (FusedLinearKDLoss has no logits to show, only their shape)."""
+    (FusedLinearKDLoss has no logits to show, only their shape). V None: its shapes only (a
+    vocab-parallel rank before the ranks agree on the vocabulary)."""
     if not isinstance(teacher, TopKTeacher):
         raise TypeError(f"teacher must be a fastkd TopKTeacher, got {type(teacher).__name__}")
     if teacher.lead_shape != lead_shape:
@@ -122,6 +123,8 @@ def check_topk_teacher(
             f"teacher and the student must be on one device, got "
             f"{teacher.token_ids.device} and {device}"
         )
+    if V is None:
+        return
     if teacher.k > V:
         raise ValueError(
             f"teacher has K = {teacher.k} pairs per row, more than the vocabulary V = {V}"

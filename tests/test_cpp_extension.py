@@ -228,6 +228,19 @@ def test_opcheck_kd_rows(dtype, labels, grad, softcap, divergence):
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("phase", [0, 1, 2], ids=["stats", "terms", "grad"])
+def test_opcheck_kd_shard_rows(phase):
+    # A vocab-parallel shard's phases (fastkd/_vocab_parallel.py): schema, fake, mutation of
+    # grad in the gradient phase only. Their numbers are tests/test_vocab_parallel.py's.
+    s, t, lab, g, _, code, temp, mix, cap, coef, ce, ignore = _kd_rows_args(
+        torch.bfloat16, True, phase == 2, 20.0, "jsd"
+    )
+    consts = None if phase == 0 else torch.rand(5, 11) + 1.0  # kd_params.h: ShardConst
+    args = (s, t, lab, g, consts, phase, 11, code, temp, mix, cap, coef, ce, ignore)
+    torch.library.opcheck(torch.ops.fastkd.kd_shard_rows.default, args)
+
+
+@needs_cpu_kernel
 @pytest.mark.parametrize("per_row", [False, True])
 def test_opcheck_scale_rows(per_row):
     g = torch.randn(4, 33, dtype=torch.bfloat16)

@@ -145,10 +145,16 @@ CASES_2 = _cases_every_divergence() + [
     {"divergence": "reverse_kl", "ce_weight": 1.0, "labels_in": (0, 19)},
     {"divergence": "forward_kl", "vocab_size": 44, "ce_weight": 0.5},
     {"divergence": "jsd", "vocab_size": 44, "inplace_backward": True},
+    # backend="torch": the phases in float64 PyTorch (the others above run the CPU kernel's).
+    {"divergence": "forward_kl", "backend": "torch", "ce_weight": 0.5, "softcap": 20.0},
+    {"divergence": "reverse_kl", "backend": "torch", "reduction": "sum"},
+    {"divergence": "tvd", "backend": "torch", "dtype": "float16", "ce_weight": 0.2},
+    {"divergence": "jsd", "backend": "torch", "vocab_size": 44, "inplace_backward": True},
 ]  # fmt: skip
 CASES_3 = _cases_every_divergence({"temperature": 1.5}) + [
     {"divergence": "forward_kl", "vocab_size": 40, "ce_weight": 0.5},
     {"divergence": "tvd", "reduction": "sum", "labels": "none"},
+    {"divergence": "skew_reverse_kl", "backend": "torch", "ce_weight": 0.5},
 ]
 # backend="triton": the phases as fastkd/triton/kd_vocab_parallel.py's kernels (under
 # TRITON_INTERPRET=1 here), every divergence and the options that change their code paths.
@@ -238,6 +244,20 @@ def _rank_errors(rank, world, seed):
         # Rank 1 alone passes a bad teacher: rank 0 must not wait for it.
         "one rank refused": lambda: fastkd.kd_loss(s[:, shard], t[:, shard][:, : 10 - rank],
                                                    process_group=group),
+        # As many rows, another leading shape.
+        "lead shape": lambda: fastkd.kd_loss(
+            *(x[:, shard].reshape((2, 3, 10) if rank else (6, 10)) for x in (s, t)),
+            process_group=group),
+        "labels shape on one rank": lambda: fastkd.kd_loss(s[:, shard], t[:, shard],
+                                                           labels[: 6 - rank],
+                                                           process_group=group),
+        "num_items_in_batch": lambda: fastkd.kd_loss(s[:, shard], t[:, shard], labels,
+                                                     num_items_in_batch=5.0 + rank,
+                                                     process_group=group),
+        # A leaf written over in place on rank 1 only: refused there, named on rank 0.
+        "inplace leaf": lambda: fastkd.kd_loss(
+            s[:, shard].clone().requires_grad_() if rank else s[:, shard].clone(),
+            t[:, shard], inplace_backward=True, process_group=group),
     }  # fmt: skip
     messages = {}
     for name, attempt in attempts.items():
@@ -264,6 +284,14 @@ def test_disagreements_are_errors_on_every_rank(tmp_path):
             assert words in messages[name], (name, rank, messages[name])
     assert "rank(s) [1]" in results[0]["one rank refused"]
     assert "same width" in results[1]["one rank refused"]
+    agreed = {"lead shape": "leading shape", "num_items_in_batch": "num_items_in_batch"}
+    for name, words in agreed.items():
+        for messages in results:
+            assert words in messages[name], (name, messages[name])
+    for name, words in {"labels shape on one rank": "labels must have the leading shape",
+                        "inplace leaf": "would overwrite student_logits"}.items():  # fmt: skip
+        assert "rank(s) [1]" in results[0][name], (name, results[0][name])
+        assert words in results[1][name], (name, results[1][name])
     g = torch.Generator().manual_seed(SEED)
     s, t = make_logits((6, 20), torch.float32, "cpu", g), make_logits((6, 20), torch.float32,
                                                                      "cpu", g)  # fmt: skip
@@ -289,6 +317,31 @@ def test_kernel_phases_on_some_ranks_only_is_an_error(tmp_path):
     _triton_or_skip()
     for message in run_ranks(2, _rank_mixed_phases, tmp_path, SEED):
         assert "phases' implementation" in message, message
+
+
+def _rank_one_dimensional(rank, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    s, t = make_logits((20,), torch.float32, "cpu", g), make_logits((20,), torch.float32, "cpu", g)
+    leaf = s[rank * 7 : 20 if rank else 7].clone().requires_grad_(True)
+    loss = fastkd.kd_loss(leaf, t[rank * 7 : 20 if rank else 7], reduction="batchmean",
+                          temperature=2.0, process_group=dist.group.WORLD)  # fmt: skip
+    loss.backward()
+    return {"loss": loss.detach(), "grad": leaf.grad}
+
+
+def test_one_dimensional_logits_batchmean_divides_by_the_whole_vocabulary(tmp_path):
+    # batchmean divides by the logits' first dimension: for 1-D logits the vocabulary's width
+    # (as torch.nn.functional.kl_div does), the whole one, not a shard's.
+    results = run_ranks(2, _rank_one_dimensional, tmp_path, SEED)
+    g = torch.Generator().manual_seed(SEED)
+    s, t = make_logits((20,), torch.float32, "cpu", g), make_logits((20,), torch.float32, "cpu", g)
+    s64 = s.double().requires_grad_(True)
+    ref = fastkd.kd_loss(s64, t.double(), reduction="batchmean", temperature=2.0)
+    ref.backward()
+    for r in results:
+        assert rel_err(r["loss"], ref) <= LOSS_TOL, (r["loss"], ref)
+    grad = torch.cat([r["grad"] for r in results])
+    assert rel_err(grad, s64.grad) <= GRAD_TOL[torch.float32]
 
 
 # --- DTensor logits (torchtitan's loss_parallel layout) --------------------------------------

@@ -98,3 +98,23 @@ def test_fused_linear_two_ranks(tmp_path):
             assert r[i]["bytes"] < 4 * sum(widths) * h_s.numel(), msg
         assert rel_err(torch.cat([r[i]["w"] for r in results]), w.grad) <= 1e-5, msg
         assert rel_err(torch.cat([r[i]["b"] for r in results]), b.grad) <= 1e-5, msg
+
+
+def _rank_row_mismatch(rank, world, seed):
+    g = torch.Generator().manual_seed(seed)
+    w_s, w_t = torch.randn(10, H_S, generator=g), torch.randn(10, H_T, generator=g)
+    rows = 8 + 4 * rank  # a mistake: every rank must hold every row
+    h_s = torch.randn(rows, H_S, generator=g).requires_grad_(True)
+    h_t = torch.randn(rows, H_T, generator=g)
+    loss_fn = fastkd.FusedLinearKDLoss(process_group=dist.group.WORLD, chunk_size=4)
+    try:
+        loss_fn(h_s, w_s[rank * 5 : rank * 5 + 5], h_t, w_t[rank * 5 : rank * 5 + 5])
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_fused_linear_rows_that_differ_are_an_error_on_every_rank(tmp_path):
+    # Not a hang: the chunks would differ in number between the ranks.
+    for message in run_ranks(2, _rank_row_mismatch, tmp_path, SEED):
+        assert "disagree on the rows of student_hidden" in message, message

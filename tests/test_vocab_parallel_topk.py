@@ -25,6 +25,11 @@ def _inputs(seed, case, V):
     vocab = case.get("vocab_size", V)
     teacher = make_teacher(N, vocab, K, g)
     labels = make_labels(N, vocab, g) if case.get("ce_weight") else None
+    if labels is not None and "ignore_index" in case:
+        # A pad id as ignore_index: the labels at the later shards' first columns (12 and 19
+        # here) are that id's column there, and must not be taken for ignored rows.
+        labels = torch.where(labels == -100, case["ignore_index"], labels)
+        labels[2:6] = torch.tensor([12, 19, 13, 20])
     if "vocab_size" in case:
         student[:, vocab:] = 30.0
     weight = 0.5 + torch.rand(N if case.get("reduction") == "none" else (), generator=g)
@@ -86,6 +91,7 @@ CASES = [
      "ce_weight": 0.2},
     {"divergence": "forward_kl", "convention": "bucket", "vocab_size": 40, "ce_weight": 0.5},
     {"divergence": "forward_kl", "convention": "bucket", "backend": "triton", "ce_weight": 0.5},
+    {"divergence": "jsd", "convention": "bucket", "ce_weight": 0.5, "ignore_index": 0},
 ]  # fmt: skip
 for n, c in enumerate(CASES):
     c["id"] = n
