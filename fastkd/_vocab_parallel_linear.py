@@ -52,11 +52,13 @@ class _SumGradOverRanks(torch.autograd.Function):
         return grad, None
 
 
-def _agreed_chunk_rows(chunk_rows: int, n_rows: int, device, group, refused) -> int:
+def _agreed_chunk_rows(chunk_rows: int, n_rows: int, head_rows: int, device, group,
+                       refused) -> tuple[int, int]:  # fmt: skip
     """The chunk size every rank uses (the smallest asked for), once the ranks agree on the
-    rows (they go through in the same chunks), and the refusals: a rank whose inputs failed
-    their checks raises its error, every other rank one naming it."""
-    mine = torch.tensor([chunk_rows, refused is not None, n_rows], dtype=torch.long,
+    rows (they go through in the same chunks), and the heads' rows summed over the ranks (the
+    whole vocabulary); and the refusals: a rank whose inputs failed their checks raises its
+    error, every other rank one naming it."""
+    mine = torch.tensor([chunk_rows, refused is not None, n_rows, head_rows], dtype=torch.long,
                         device=device)  # fmt: skip
     table = _vocab_parallel.all_gather(mine, group, "chunking").cpu()
     if refused is not None:
@@ -73,7 +75,7 @@ def _agreed_chunk_rows(chunk_rows: int, n_rows: int, device, group, refused) -> 
             f"rows of student_hidden (tokens): {table[:, 2].tolist()} by rank; every rank "
             "holds every row"
         )
-    return int(table[:, 0].min())
+    return int(table[:, 0].min()), int(table[:, 3].sum())
 
 
 def _chunk_loss(config, group, s_hidden, s_weight, s_bias, *teacher_and_labels):
@@ -129,7 +131,9 @@ def fused_linear_vocab_parallel(
     rank's inputs failed their checks (raised on every rank, after the first collective)."""
     device = s_hidden.device if isinstance(s_hidden, Tensor) else torch.device("cpu")
     n_rows = s_hidden.shape[:-1].numel() if isinstance(s_hidden, Tensor) else -1
-    chunk = max(1, _agreed_chunk_rows(chunk_rows, n_rows, device, group, refused))
+    head_rows = s_weight.shape[0] if isinstance(s_weight, Tensor) and s_weight.dim() else 0
+    chunk, vocab_rows = _agreed_chunk_rows(chunk_rows, n_rows, head_rows, device, group, refused)
+    chunk = max(1, chunk)
     lead = s_hidden.shape[:-1]
     n = lead.numel()
     th = None if t_hidden is None else t_hidden.detach().reshape(n, t_hidden.shape[-1])
@@ -170,7 +174,9 @@ def fused_linear_vocab_parallel(
         if flat_labels is None
         else flat_labels != config.ignore_index
     )
-    size0 = s_hidden.shape[0] if s_hidden.dim() > 1 else 1
+    # batchmean's divisor: the logits' first dimension, the whole vocabulary for one row of
+    # hidden states (as one process divides).
+    size0 = s_hidden.shape[0] if s_hidden.dim() > 1 else vocab_rows
     factor = _vocab_parallel._reduction_factor(config, keep, num_items, size0, torch.float32)
     sum_config = dataclasses.replace(config, reduction="sum")
     needs = torch.is_grad_enabled() and any(

@@ -118,3 +118,33 @@ def test_fused_linear_rows_that_differ_are_an_error_on_every_rank(tmp_path):
     # Not a hang: the chunks would differ in number between the ranks.
     for message in run_ranks(2, _rank_row_mismatch, tmp_path, SEED):
         assert "disagree on the rows of student_hidden" in message, message
+
+
+def _rank_one_row(rank, world, seed, widths):
+    g = torch.Generator().manual_seed(seed)
+    h_s, w_s = torch.randn(H_S, generator=g), torch.randn(sum(widths), H_S, generator=g)
+    h_t, w_t = torch.randn(H_T, generator=g), torch.randn(sum(widths), H_T, generator=g)
+    rows = slice(sum(widths[:rank]), sum(widths[: rank + 1]))
+    h = h_s.clone().requires_grad_(True)
+    loss = fastkd.FusedLinearKDLoss(reduction="batchmean", process_group=dist.group.WORLD)(
+        h, w_s[rows], h_t, w_t[rows]
+    )
+    loss.backward()
+    return {"loss": loss.detach(), "h": h.grad}
+
+
+def test_fused_linear_one_row_of_hidden_states_batchmean(tmp_path):
+    # 1-D hidden states are one row of logits (V,): batchmean divides by the whole V, as one
+    # process does, not by a shard's rows or by 1.
+    widths = (7, 11)
+    results = run_ranks(2, _rank_one_row, tmp_path, SEED, widths)
+    g = torch.Generator().manual_seed(SEED)
+    h_s, w_s = torch.randn(H_S, generator=g), torch.randn(sum(widths), H_S, generator=g)
+    h_t, w_t = torch.randn(H_T, generator=g), torch.randn(sum(widths), H_T, generator=g)
+    h = h_s.double().requires_grad_(True)
+    ref = fastkd.kd_loss(h @ w_s.double().T, h_t.double() @ w_t.double().T,
+                         reduction="batchmean")  # fmt: skip
+    ref.backward()
+    for r in results:
+        assert rel_err(r["loss"], ref) <= 1e-5, (r["loss"], ref)
+        assert rel_err(r["h"], h.grad) <= 1e-5
