@@ -396,6 +396,24 @@ def _batch_size(student: Tensor, layout: ShardLayout) -> int:
     return layout.total if student.dim() == 1 else (student.shape[0] if student.dim() else 1)
 
 
+def _reduce_rows(student, kd_rows, ce_rows, keep, num_items, config, layout):
+    """(loss, kd, ce) in float32 from the rows' T^2 D and CE (n,) and which rows count."""
+    lead = student.shape[:-1]
+    loss, kd, ce = reduce_reference(
+        student, kd_rows.reshape(lead), None if ce_rows is None else ce_rows.reshape(lead),
+        keep.reshape(lead), num_items, config, batch_size=_batch_size(student, layout),
+    )  # fmt: skip
+    return loss.float(), kd.float(), None if ce is None else ce.float()
+
+
+def _grad_buffer(student: Tensor, config: KDConfig) -> Tensor:
+    """(n, width) rows for the shard's gradient: the student's own with inplace_backward."""
+    n, width = student.shape[:-1].numel(), student.shape[-1]
+    if config.inplace_backward:
+        return student.detach().reshape(n, width)
+    return torch.empty(n, width, dtype=student.dtype, device=student.device)
+
+
 def _reduction_factor(config: KDConfig, keep: Tensor, num_items: Tensor | None, size0: int, dtype):
     if config.reduction in ("sum", "none"):
         return torch.ones((), dtype=dtype, device=keep.device)
@@ -473,17 +491,7 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     ce_rows = None
     if config.has_ce:
         ce_rows = torch.where(keep, st.lse_s - st.s_label, 0.0)
-    loss, kd, ce = reduce_reference(
-        student,
-        kd_rows.reshape(lead),
-        None if ce_rows is None else ce_rows.reshape(lead),
-        keep.reshape(lead),
-        num_items,
-        config,
-        batch_size=_batch_size(student, layout),
-    )
-    loss, kd = loss.float(), kd.float()
-    ce = None if ce is None else ce.float()
+    loss, kd, ce = _reduce_rows(student, kd_rows, ce_rows, keep, num_items, config, layout)
     if not (student.requires_grad and torch.is_grad_enabled()):
         return loss, kd, ce
 
@@ -492,10 +500,7 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     # float16 takes the factor in the backward (see _ops._defers_factor).
     defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
     row_factor = torch.where(keep, 1.0 if defer else factor, 0.0).to(dtype)
-    if config.inplace_backward:
-        grad = student.detach().reshape(lead.numel(), width)
-    else:
-        grad = torch.empty(n, width, dtype=student.dtype, device=student.device)
+    grad = _grad_buffer(student, config)
     _phase3(s_rows, t_rows, flat_labels, keep, config, layout, st, s_sum, row_factor, grad,
             dtype)  # fmt: skip
     deferred = factor if defer else torch.ones((), dtype=dtype, device=student.device)
@@ -508,7 +513,7 @@ def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, c
     float32 partials and gradient, as the one-process split kernels."""
     from .triton.kd_vocab_parallel import shard_rows
 
-    lead, width, n = student.shape[:-1], student.shape[-1], s_rows.shape[0]
+    width = student.shape[-1]
     wants_grad = student.requires_grad and torch.is_grad_enabled()
     size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep, num_items, size0, torch.float32)
@@ -516,10 +521,7 @@ def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, c
     defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
     grad = None
     if wants_grad:
-        if config.inplace_backward:
-            grad = student.detach().reshape(n, width)
-        else:
-            grad = torch.empty(n, width, dtype=student.dtype, device=student.device)
+        grad = _grad_buffer(student, config)
         if layout.used < width:
             grad[:, layout.used :] = 0  # vocab_size's padding
     s_rows, t_rows = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
@@ -533,12 +535,7 @@ def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, c
     ce_rows = None
     if config.has_ce and flat_labels is not None:
         ce_rows = torch.where(keep, rows.ce_per_row.double(), 0.0)
-    loss, kd, ce = reduce_reference(
-        student, kd_rows.reshape(lead), None if ce_rows is None else ce_rows.reshape(lead),
-        keep.reshape(lead), num_items, config, batch_size=_batch_size(student, layout),
-    )  # fmt: skip
-    loss, kd = loss.float(), kd.float()
-    ce = None if ce is None else ce.float()
+    loss, kd, ce = _reduce_rows(student, kd_rows, ce_rows, keep, num_items, config, layout)
     if grad is None:
         return loss, kd, ce
     deferred = factor if defer else torch.ones((), dtype=torch.float32, device=student.device)
@@ -555,7 +552,7 @@ def _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, conf
     float32): the exchanges and their combination as in the float64 phases."""
     from . import _compiled_rows as ops
 
-    lead, width, n = student.shape[:-1], student.shape[-1], s_rows.shape[0]
+    width, n = student.shape[-1], s_rows.shape[0]
     div, used, device = config.divergence, layout.used, student.device
     f64 = dict(dtype=torch.float64, device=device)
 
@@ -600,12 +597,7 @@ def _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, conf
     d = torch.where(no_dist, math.nan, d)
     kd_rows = torch.where(keep, config.t_squared * d, 0.0)
     ce_rows = torch.where(keep, st.lse_s - st.s_label, 0.0) if config.has_ce else None
-    loss, kd, ce = reduce_reference(
-        student, kd_rows.reshape(lead), None if ce_rows is None else ce_rows.reshape(lead),
-        keep.reshape(lead), num_items, config, batch_size=_batch_size(student, layout),
-    )  # fmt: skip
-    loss, kd = loss.float(), kd.float()
-    ce = None if ce is None else ce.float()
+    loss, kd, ce = _reduce_rows(student, kd_rows, ce_rows, keep, num_items, config, layout)
     if not (student.requires_grad and torch.is_grad_enabled()):
         return loss, kd, ce
 
@@ -615,10 +607,7 @@ def _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, conf
     defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
     row_factor = torch.where(keep, 1.0 if defer else factor, 0.0)
     kd_coef = torch.where(no_dist, math.nan, config.kd_grad_coef * row_factor)
-    if config.inplace_backward:
-        grad = student.detach().reshape(n, width)
-    else:
-        grad = torch.empty(n, width, dtype=student.dtype, device=device)
+    grad = _grad_buffer(student, config)
     if used:
         consts = constants(max_a, log_z_a, max_b, log_z_b, max_s, log_z_s, s_sum, q_above,
                            q_below, kd_coef, config.ce_weight * row_factor)  # fmt: skip
@@ -757,10 +746,7 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
     )
     if not wants_grad:
         return loss, kd, ce
-    if config.inplace_backward:
-        grad = student.detach().reshape(n, width)
-    else:
-        grad = torch.empty(n, width, dtype=student.dtype, device=student.device)
+    grad = _grad_buffer(student, config)
     if layout.used and n:
         grad_rows(rows, ids, rows.gather(1, ids.clamp(min=0)), local_labels, stats.float(),
                   row_coefs, pair_grads, grad[:, : layout.used], temperature=config.temperature,
