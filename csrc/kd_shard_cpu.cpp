@@ -162,8 +162,14 @@ void shard_row(const KdShardLaunch& args, const ShardRow& r, int64_t row,
   } else {
     const int64_t elem = elem_size(args.s_dtype);
     char* g_row = static_cast<char*>(args.g) + row * args.g_stride * elem;
+    const float* c = args.consts + row * kNumShardConsts;
+    if (args.s_dtype == kF32) {
+      // Straight into the gradient: an entry is read before it is written, so g may be s.
+      grad_row<DIV>(p, r, c, reinterpret_cast<float*>(g_row));
+      return;
+    }
     g.resize(p.V);
-    grad_row<DIV>(p, r, args.consts + row * kNumShardConsts, g.data());
+    grad_row<DIV>(p, r, c, g.data());
     row_from_float(g.data(), args.s_dtype, g_row, p.V);
   }
 }

@@ -44,10 +44,11 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._config import KDConfig, check_labels
+from ._ops import _defers_factor
 from .reference import divergence_log_q_grad, divergence_per_row, reduce_reference
 
-# How the dense phases run: Triton kernels (backend "triton") or PyTorch in float64 (every
-# other backend); the ranks must agree, since what they gather differs.
+# Who walks the dense shards: the Triton kernels (backend "triton"), the CPU kernels ("cpu"),
+# or PyTorch in float64 (the others); the ranks must agree, since what they gather differs.
 KERNEL_PHASES, CPU_KERNEL_PHASES, FLOAT64_PHASES = "triton-kernels", "cpu-kernels", "float64"
 # The divergences whose loss comes out of phase 1 (their cross term), design.md §3.
 ONE_ROUND = ("forward_kl", "soft_ce", "reverse_kl")
@@ -406,6 +407,11 @@ def _reduce_rows(student, kd_rows, ce_rows, keep, num_items, config, layout):
     return loss.float(), kd.float(), None if ce is None else ce.float()
 
 
+def _unit_stride(rows: Tensor) -> Tensor:
+    """(n, V_r) rows as the kernels take them: unit stride along V_r (a copy only if not)."""
+    return rows if rows.stride(-1) == 1 or rows.shape[-1] <= 1 else rows.contiguous()
+
+
 def _grad_buffer(student: Tensor, config: KDConfig) -> Tensor:
     """(n, width) rows for the shard's gradient: the student's own with inplace_backward."""
     n, width = student.shape[:-1].numel(), student.shape[-1]
@@ -468,14 +474,10 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
     keep = torch.ones(n, dtype=torch.bool, device=student.device)
     if flat_labels is not None:
         keep = flat_labels != config.ignore_index
-    if phases == KERNEL_PHASES:
-        return _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items,
-                                   config, layout)  # fmt: skip
-    if phases == CPU_KERNEL_PHASES:
-        s_rows, t_rows = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-                          for x in (s_rows, t_rows))  # fmt: skip
-        return _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, config,
-                                layout)  # fmt: skip
+    if phases != FLOAT64_PHASES:
+        run = _kernel_phases_loss if phases == KERNEL_PHASES else _cpu_phases_loss
+        return run(student, _unit_stride(s_rows), _unit_stride(t_rows), flat_labels, keep,
+                   num_items, config, layout)  # fmt: skip
     # float64: the phases are PyTorch element-wise code, whose float32 q g - q S lost a decade
     # of accuracy against the kernels' fused formulas (jsd gradients 1e-5 off); see the docstring.
     dtype = torch.float64
@@ -497,13 +499,12 @@ def vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, check
 
     size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep, num_items, size0, dtype)
-    # float16 takes the factor in the backward (see _ops._defers_factor).
-    defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
+    defer = _defers_factor(student, config)
     row_factor = torch.where(keep, 1.0 if defer else factor, 0.0).to(dtype)
     grad = _grad_buffer(student, config)
     _phase3(s_rows, t_rows, flat_labels, keep, config, layout, st, s_sum, row_factor, grad,
             dtype)  # fmt: skip
-    deferred = factor if defer else torch.ones((), dtype=dtype, device=student.device)
+    deferred = factor if defer else torch.ones_like(factor)
     loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
     return loss, kd, ce
 
@@ -517,15 +518,12 @@ def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, c
     wants_grad = student.requires_grad and torch.is_grad_enabled()
     size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep, num_items, size0, torch.float32)
-    # float16 takes the factor in the backward (see _ops._defers_factor).
-    defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
+    defer = _defers_factor(student, config)
     grad = None
     if wants_grad:
         grad = _grad_buffer(student, config)
         if layout.used < width:
             grad[:, layout.used :] = 0  # vocab_size's padding
-    s_rows, t_rows = (x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
-                      for x in (s_rows, t_rows))  # fmt: skip
     rows = shard_rows(
         s_rows, t_rows, flat_labels, None if grad is None else grad[:, : layout.used],
         torch.ones_like(factor) if defer else factor, config, layout.offset,
@@ -538,7 +536,7 @@ def _kernel_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, c
     loss, kd, ce = _reduce_rows(student, kd_rows, ce_rows, keep, num_items, config, layout)
     if grad is None:
         return loss, kd, ce
-    deferred = factor if defer else torch.ones((), dtype=torch.float32, device=student.device)
+    deferred = factor if defer else torch.ones_like(factor)
     loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
     return loss, kd, ce
 
@@ -603,8 +601,7 @@ def _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, conf
 
     size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep, num_items, size0, torch.float64)
-    # float16 takes the factor in the backward (see _ops._defers_factor).
-    defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
+    defer = _defers_factor(student, config)
     row_factor = torch.where(keep, 1.0 if defer else factor, 0.0)
     kd_coef = torch.where(no_dist, math.nan, config.kd_grad_coef * row_factor)
     grad = _grad_buffer(student, config)
@@ -614,7 +611,7 @@ def _cpu_phases_loss(student, s_rows, t_rows, flat_labels, keep, num_items, conf
         shard(ops.SHARD_GRAD, grad=grad[:, :used], consts=consts)
     if used < width:
         grad[:, used:] = 0  # vocab_size's padding
-    deferred = factor if defer else torch.ones((), **f64)
+    deferred = factor if defer else torch.ones_like(factor)
     loss = _StoredGrad.apply(student, loss, grad.view(student.shape), deferred)
     return loss, kd, ce
 
@@ -694,9 +691,7 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
 
     width = student.shape[-1]
     n = lead.numel()
-    rows = student.detach().reshape(n, width)[:, : layout.used]
-    if rows.stride(-1) != 1 and layout.used > 1:
-        rows = rows.contiguous()  # the kernels take rows of unit stride
+    rows = _unit_stride(student.detach().reshape(n, width)[:, : layout.used])
     pairs = teacher.detach().as_rows()
     flat_labels = None if labels is None else labels.reshape(-1)
     keep = None if flat_labels is None else flat_labels != config.ignore_index
@@ -729,7 +724,7 @@ def topk_vocab_parallel_loss(student, teacher, labels, config: KDConfig, group, 
     keep_all = torch.ones(n, dtype=torch.bool, device=student.device) if keep is None else keep
     size0 = _batch_size(student, layout)
     factor = _reduction_factor(config, keep_all, num_items, size0, torch.float32)
-    defer = student.dtype == torch.float16 and config.reduction in ("mean", "batchmean")
+    defer = _defers_factor(student, config)
     row_factor = torch.ones_like(factor) if defer else factor
     kd_rows, ce_rows, row_coefs, pair_grads = _topk_rows.support_side(
         stats, student_at_ids, x_label, support, keep, config, tail,
